@@ -1,0 +1,29 @@
+# Development install: CPU torch pinned first, then an exact lock with --no-deps so pip never
+# resolves spikingjelly's full requirement set (torchvision/torchaudio CUDA builds crash next to CPU torch).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -c "import torch, spikingjelly.activation_based.neuron, torch_pruning, onnxruntime, onnxsim; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/snncompress run recipes/quickstart.yaml --out runs/quickstart
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,93 @@
+"""Reading and writing artifacts: atomic writes, weights-only checkpoint loading, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import SnnCompressError
+
+CKPT_FORMAT = "snncompress.ckpt/1"
+SLIM_FORMAT = "snncompress.slim/1"
+FORMATS = (CKPT_FORMAT, SLIM_FORMAT)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A failure (or a kill) leaves the previous file, if any, untouched and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and an atomic rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load an snncompress checkpoint (``ckpt.pt``/``best.pt``/``slim.pt``) safely.
+
+    Uses ``torch.load(weights_only=True)``: only tensors and plain containers are read, and a file
+    holding any other pickled object is refused without executing it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SnnCompressError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in first or "Unsupported global" in str(e):
+            raise SnnCompressError(
+                f"{path}: refused: the file holds pickled Python objects, not only tensors and "
+                "plain containers (it was not executed)"
+            ) from e
+        raise SnnCompressError(f"{path}: not a PyTorch checkpoint ({first})") from e
+    except Exception as e:  # zip/format errors from torch.load on a text file, truncation, ...
+        raise SnnCompressError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SnnCompressError(
+            f"{path}: not an snncompress checkpoint (format {found!r}; expected one of {', '.join(FORMATS)})"
+        )
+    for key in ("recipe", "model", "state_dict", "masks", "data"):
+        if key not in ckpt:
+            raise SnnCompressError(f"{path}: checkpoint is missing the '{key}' entry")
+    return ckpt

@@ -1,0 +1,197 @@
+"""The bench stage: measure dense-shaped vs slim (and baseline) models.
+
+Params, dense MACs, SOPs (spikingjelly's op_counter, on the test set), firing rate, an energy estimate,
+accuracy in PyTorch and onnxruntime, and onnxruntime latency at batch 1 and 32.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import functional
+from spikingjelly.activation_based.neuron import BaseNode
+from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
+
+from . import __version__
+from .artifacts import load_checkpoint, sha256, write_json, write_text
+from .checkpoint import model_from_checkpoint, recipe_of
+from .data import encode, load_dataset
+from .errors import SnnCompressError
+from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
+from .slim import count_macs, count_params
+from .train import evaluate
+
+PJ_PER_MAC = 4.6  # 45 nm, Horowitz ISSCC 2014
+PJ_PER_AC = 0.9
+BATCHES = (1, 32)
+BENCH_FORMAT = "snncompress.bench/1"
+
+
+@dataclass
+class BenchSettings:
+    threads: int = os.cpu_count() or 1
+    warmup: int = 5
+    repeats: int = 30
+
+
+@torch.no_grad()
+def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_size: int = 128) -> dict:
+    """SOPs and analog MACs per inference (op_counter) and the mean firing rate, over images ``x``."""
+    synops, macs = SynOpCounter(), MACCounter(extra_ignore_modules=[nn.BatchNorm2d])  # BN folds at deployment
+    fired, seen = [0.0], [0]
+
+    def hook(module, args, out):
+        fired[0] += float(out.sum())
+        seen[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, BaseNode)]
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            with DispatchCounterMode([synops, macs]):
+                model(encode(x[i:i + batch_size], T, encoding))
+            functional.reset_net(model)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(x)
+    sops, analog = synops.get_total() / n, macs.get_total() / n
+    return {"sops": sops, "macs_analog": analog, "firing_rate": fired[0] / max(1, seen[0]),
+            "energy_uj": (analog * PJ_PER_MAC + sops * PJ_PER_AC) * 1e-6}
+
+
+def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings) -> dict[str, dict[str, float]]:
+    """Median/min/max milliseconds per call of an ONNX model at each batch size in ``BATCHES``."""
+    sess = ort_session(path, settings.threads)
+    name = sess.get_inputs()[0].name
+    out = {}
+    for b in BATCHES:
+        xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))  # real test images, repeated if needed
+        for _ in range(settings.warmup):
+            sess.run(None, {name: xb})
+        times = []
+        for _ in range(settings.repeats):
+            t0 = time.perf_counter()
+            sess.run(None, {name: xb})
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[str(b)] = {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
+    return out
+
+
+def _onnx_for(ckpt_path: Path, onnx_path: Path) -> Path:
+    """Reuse ``onnx_path`` if it was exported from exactly this checkpoint, else export (and verify) it."""
+    if onnx_path.exists():
+        try:
+            if read_onnx_metadata(onnx_path).get("source_sha256") == sha256(ckpt_path):
+                return onnx_path
+        except SnnCompressError:
+            pass
+    return export_onnx(ckpt_path, onnx_path).path
+
+
+def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings) -> dict:
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, str(ckpt_path))
+    recipe = recipe_of(ckpt)
+    data = load_dataset(recipe.data, recipe.seed)
+    T, enc = ckpt["data"]["T"], ckpt["data"]["encoding"]
+    onnx_path = _onnx_for(ckpt_path, onnx_path)
+
+    _, accuracy, _ = evaluate(model, data.x_test, data.y_test, T, enc)
+    onnx_logits = run_onnx(ort_session(onnx_path, settings.threads), data.x_test.numpy())
+    masks = ckpt["masks"]
+    kept = sum(int(torch.as_tensor(m).sum()) for m in masks.values()) / sum(len(m) for m in masks.values())
+    return {
+        "checkpoint": str(ckpt_path), "onnx": str(onnx_path),
+        "params": count_params(model),
+        "macs": count_macs(model, encode(data.x_test[:1], T, enc)),
+        **spike_stats(model, data.x_test, T, enc),
+        "accuracy": accuracy,
+        "accuracy_onnx": float((torch.from_numpy(onnx_logits).argmax(1) == data.y_test).float().mean()),
+        "kept_channels": kept,
+        "kept_per_group": {g: int(torch.as_tensor(m).sum()) for g, m in masks.items()},
+        "latency_ms": onnx_latency(onnx_path, data.x_test.numpy(), settings),
+    }
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "snncompress": __version__}
+
+
+def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.PathLike,
+          baseline: str | os.PathLike | None = None, settings: BenchSettings | None = None) -> dict:
+    """Benchmark the dense-shaped masked checkpoint against its slim version (and an optional dense
+    baseline); write ``bench.json`` and ``report.md`` into ``out_dir`` and return the report dict."""
+    settings = settings or BenchSettings()
+    out_dir = Path(out_dir)
+    paths = {"dense": Path(dense), "slim": Path(slim)}
+    if baseline:
+        paths["baseline"] = Path(baseline)
+    onnx_names = {"dense": "dense.onnx", "slim": "model.onnx", "baseline": "baseline.onnx"}
+    models = {k: bench_model(p, out_dir / onnx_names[k], settings) for k, p in paths.items()}
+    speedup = {b: models["dense"]["latency_ms"][b]["median"] / models["slim"]["latency_ms"][b]["median"]
+               for b in models["dense"]["latency_ms"]}
+    report = {
+        "format": BENCH_FORMAT, "machine": machine(),
+        "settings": {"threads": settings.threads, "warmup": settings.warmup, "repeats": settings.repeats,
+                     "batches": list(BATCHES), "pj_per_mac": PJ_PER_MAC, "pj_per_ac": PJ_PER_AC,
+                     "execution_provider": "CPUExecutionProvider", "graph_optimization": "ORT_ENABLE_ALL"},
+        "units": {"params": "count", "macs": "dense multiply-accumulates per inference (all T steps)",
+                  "macs_analog": "MACs on non-spike inputs per inference", "sops": "synaptic operations per inference",
+                  "energy_uj": "microjoules per inference", "latency_ms": "milliseconds per batch",
+                  "accuracy": "fraction", "kept_channels": "fraction of conv channels", "firing_rate": "spikes per neuron per step"},
+        "models": models,
+        "speedup": speedup,
+    }
+    write_json(report, out_dir / "bench.json")
+    write_text(render_markdown(report), out_dir / "report.md")
+    return report
+
+
+ROWS = [("params", "Params", "{:,.0f}"), ("macs", "MACs / inference", "{:,.0f}"), ("sops", "SOPs / inference", "{:,.0f}"),
+        ("firing_rate", "Firing rate", "{:.4f}"), ("energy_uj", "Energy (µJ)", "{:.3f}"),
+        ("accuracy", "Accuracy (PyTorch)", "{:.2%}"), ("accuracy_onnx", "Accuracy (onnxruntime)", "{:.2%}"),
+        ("kept_channels", "Kept conv channels", "{:.1%}")]
+
+
+def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table (shared by the terminal and markdown renderers)."""
+    names = list(report["models"])
+    rows = [[label, *(fmt.format(report["models"][n][key]) for n in names)] for key, label, fmt in ROWS]
+    for b in report["settings"]["batches"]:
+        cells = []
+        for n in names:
+            lat = report["models"][n]["latency_ms"][str(b)]
+            cells.append(f"{lat['median']:.2f} ({lat['min']:.2f}–{lat['max']:.2f})")
+        rows.append([f"Latency batch {b} (ms, median (min–max))", *cells])
+    return ["", *names], rows
+
+
+def render_markdown(report: dict) -> str:
+    header, rows = table_rows(report)
+    s, m = report["settings"], report["machine"]
+    lines = [
+        "# snncompress bench report", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows), "",
+        "Speedup of the slim over the dense-shaped model (median latency): "
+        + ", ".join(f"batch {b}: **{v:.2f}×**" for b, v in report["speedup"].items()), "",
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, {m['platform']}; torch {m['torch']}, "
+        f"onnxruntime {m['onnxruntime']} ({s['execution_provider']}, {s['graph_optimization']}), "
+        f"{s['threads']} intra-op threads, {s['warmup']} warm-up + {s['repeats']} timed runs per batch size.",
+        f"Energy estimate: {s['pj_per_mac']} pJ per MAC on non-spike inputs + {s['pj_per_ac']} pJ per SOP "
+        "(45 nm, Horowitz ISSCC 2014). SOPs and MACs are per inference over all T steps, averaged over the test set "
+        "(spikingjelly op_counter). `dense` is the trained model with its masks applied but all channels present; "
+        "`slim` has the pruned channels physically removed.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Command-line interface: a thin layer over the library (one function per command)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress spiking neural networks: train with dynamic structured pruning, slim, export to ONNX, bench.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _table(report: dict) -> Table:
+    from .bench import table_rows
+
+    header, rows = table_rows(report)
+    t = Table(*header, title="snncompress bench")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def _print_bench(report: dict, out_dir: Path) -> None:
+    console.print(_table(report))
+    console.print("speedup (slim vs dense-shaped, median latency): "
+                  + ", ".join(f"batch {b}: {v:.2f}x" for b, v in report["speedup"].items()))
+    console.print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'report.md'}")
+
+
+@app.command("train")
+def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)")) -> None:
+    """Train a spiking network (with the recipe's dynamic pruning) into OUT: ckpt.pt, best.pt, metrics.jsonl."""
+    from .recipe import load_recipe
+    from .train import train
+
+    r = load_recipe(recipe)
+    res = train(r, out or Path("runs") / r.name)
+    last = res.metrics[-1]
+    console.print(f"test accuracy {last['test_acc']:.4f}, kept channels {last['kept_channels']:.3f}; "
+                  f"wrote {res.ckpt}, {res.best}, {res.out_dir / 'metrics.jsonl'}")
+
+
+@app.command("slim")
+def slim_cmd(ckpt: Path = typer.Argument(..., help="Training checkpoint (ckpt.pt / best.pt)"),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default slim.pt beside CKPT)")) -> None:
+    """Physically remove pruned channels and verify the slim model equals the masked one on the test set."""
+    from .slim import slim_checkpoint
+
+    r = slim_checkpoint(ckpt, out)
+    console.print(f"params {r.params[0]:,} -> {r.params[1]:,} ({r.params[1] / r.params[0]:.1%}); "
+                  f"MACs/inference {r.macs[0]:,} -> {r.macs[1]:,} ({r.macs[1] / r.macs[0]:.1%})")
+    for g, (k, n) in r.kept.items():
+        console.print(f"  {g}: {n} -> {k} channels")
+    console.print(f"verified on {r.equivalence.n_samples} test samples: same predictions, "
+                  f"max |Δlogit| {r.equivalence.max_abs_diff:.2g}; wrote {r.path}")
+
+
+@app.command("export")
+def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint"),
+               onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the only format for now)"),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default CKPT with .onnx)")) -> None:
+    """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime."""
+    from .errors import SnnCompressError
+    from .export import export_onnx
+
+    if not onnx:
+        raise SnnCompressError("choose an export format: --onnx")
+    r = export_onnx(ckpt, out)
+    console.print(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
+                  f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes; wrote {r.path}")
+
+
+@app.command("bench")
+def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory written by `snncompress run`"),
+              dense: Optional[Path] = typer.Option(None, help="Dense-shaped (masked) checkpoint"),
+              slim: Optional[Path] = typer.Option(None, help="Slim checkpoint"),
+              baseline: Optional[Path] = typer.Option(None, help="Dense baseline checkpoint"),
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory"),
+              threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: all cores)"),
+              repeats: int = typer.Option(30, min=20, help="Timed runs per batch size")) -> None:
+    """Measure the slim model against the dense-shaped one: latency, SOPs, MACs, firing, energy, accuracy."""
+    from .bench import BenchSettings, bench
+    from .errors import SnnCompressError
+
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise SnnCompressError(f"{run_dir}: no such run directory")
+        dense = dense or run_dir / "train" / "ckpt.pt"
+        slim = slim or run_dir / "slim.pt"
+        if baseline is None and (run_dir / "baseline" / "ckpt.pt").exists():
+            baseline = run_dir / "baseline" / "ckpt.pt"
+        out = out or run_dir
+    if dense is None or slim is None:
+        raise SnnCompressError("give a RUN_DIR, or both --dense and --slim")
+    out = out or slim.parent
+    settings = BenchSettings(repeats=repeats)
+    if threads:
+        settings.threads = threads
+    _print_bench(bench(dense, slim, out, baseline=baseline, settings=settings), out)
+
+
+@app.command("run")
+def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe name>)")) -> None:
+    """train -> slim -> export -> bench, all into one run directory."""
+    from .recipe import load_recipe
+    from .run import run_pipeline
+
+    r = load_recipe(recipe)
+    out = out or Path("runs") / r.name
+    report = run_pipeline(r, out, log=lambda stage: console.print(f"[bold cyan]▶ {stage}"))
+    _print_bench(report, out)
+
+
+@app.command("info")
+def info_cmd() -> None:
+    """Versions and registered models."""
+    import onnxruntime
+    import spikingjelly
+    import torch
+
+    from .models import list_models
+
+    console.print(f"snncompress {__version__}; torch {torch.__version__}; spikingjelly "
+                  f"{getattr(spikingjelly, '__version__', '2.x')}; onnxruntime {onnxruntime.__version__}")
+    console.print(f"models: {', '.join(list_models())}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit (tracebacks with --debug)."""
+    from .errors import SnnCompressError
+
+    try:
+        app(standalone_mode=False)
+    except SnnCompressError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (ValueError, KeyError) as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors are handled below; anything else is a bug
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

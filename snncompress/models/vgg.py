@@ -1,0 +1,57 @@
+"""Spiking VGG: [Conv -> BN -> gate -> spiking neuron] blocks with max-pooling, then a linear readout."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import functional, layer
+
+from ..prune.gates import ChannelGate
+from .neuron import make_neuron
+from .registry import register_model
+
+
+def conv_block(in_ch: int, out_ch: int, neuron_kwargs: dict) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        conv=layer.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        bn=layer.BatchNorm2d(out_ch),
+        gate=ChannelGate(out_ch),
+        spike=make_neuron(**neuron_kwargs),
+    ))
+
+
+class SpikingVGG(nn.Module):
+    """Input ``[T, B, C, H, W]``; output logits ``[B, classes]`` (the readout averaged over T)."""
+
+    def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None):
+        super().__init__()
+        blocks, c, n_conv, n_pool = OrderedDict(), in_channels, 0, 0
+        for v in layers:
+            if v == "M":
+                n_pool += 1
+                blocks[f"pool{n_pool}"] = layer.MaxPool2d(2, 2)
+            else:
+                n_conv += 1
+                blocks[f"conv{n_conv}"] = conv_block(c, int(v), neuron or {})
+                c = int(v)
+        self.features = nn.Sequential(blocks)
+        # global average pooling keeps the readout independent of input size and channel count
+        self.pool = layer.AdaptiveAvgPool2d((1, 1))
+        self.flatten = layer.Flatten(start_dim=1)
+        self.classifier = layer.Linear(c, num_classes)
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        y = self.classifier(self.flatten(self.pool(self.features(x_seq))))
+        # [T, B, classes] in multi-step mode; single-step mode (used for graph tracing) has no T axis
+        return y.mean(0) if y.dim() == 3 else y
+
+
+@register_model("vgg")
+def vgg(in_channels: int, num_classes: int, layers: Sequence[int | str] = (64, 128, "M", 256, "M", 256),
+        neuron: dict | None = None) -> SpikingVGG:
+    """Spiking VGG with configurable widths (``"M"`` = 2x2 max-pool)."""
+    return SpikingVGG(in_channels, num_classes, layers, neuron)

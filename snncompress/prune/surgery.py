@@ -1,0 +1,41 @@
+"""Physical channel removal with Torch-Pruning."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from spikingjelly.activation_based import functional
+
+from .gates import channel_groups, dependency_graph, strip_gates
+
+
+def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.Tensor) -> nn.Module:
+    """Return a copy of ``model`` without gates, whose group channels are cut to ``keep``.
+
+    ``keep`` maps a group name (see :func:`channel_groups`) to a bool tensor over its channels; groups
+    not named keep all channels. Conv/BN output channels and every consumer's input channels
+    (residual couplings included) are removed by Torch-Pruning on a graph traced in single-step mode.
+    """
+    groups = {g.name: g for g in channel_groups(model, example_input)}
+    unknown = set(keep) - set(groups)
+    if unknown:
+        raise KeyError(f"unknown channel group(s) {sorted(unknown)}; groups: {', '.join(groups)}")
+    out = strip_gates(copy.deepcopy(model))
+    dg = dependency_graph(out, example_input)
+    modules = dict(out.named_modules())
+    for name, mask in keep.items():
+        g = groups[name]
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != (g.size,):
+            raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, the group has {g.size} channels")
+        if not mask.any():
+            raise ValueError(f"{name}: mask keeps no channel (at least one is required)")
+        removed = (~mask).nonzero().flatten().tolist()
+        if removed:
+            dg.get_pruning_group(modules[g.convs[0]], tp.prune_conv_out_channels, idxs=removed).prune()
+    functional.set_step_mode(out, "m")
+    functional.invalidate_reset_cache(out)
+    return out

@@ -1,0 +1,217 @@
+"""Recipes: YAML files validated by pydantic, with one-line, field-path error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+
+def _fraction(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
+def _fraction_open(v: float) -> float:
+    if not 0 <= v < 1:
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+def _positive(v: float) -> float:
+    if not v > 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+def _above_one(v: float) -> float:
+    if not v > 1:
+        raise ValueError("must be > 1")
+    return v
+
+
+def _open_unit(v: float) -> float:
+    if not 0 < v < 1:
+        raise ValueError("must be in (0, 1)")
+    return v
+
+
+def _non_negative(v: float) -> float:
+    if not v >= 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
+FractionOpen = Annotated[float, AfterValidator(_fraction_open)]
+Positive = Annotated[float, AfterValidator(_positive)]
+PositiveInt = Annotated[int, AfterValidator(_positive)]
+NonNegative = Annotated[float, AfterValidator(_non_negative)]
+NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NeuronCfg(_Strict):
+    """The spiking neuron that follows every conv + BN."""
+
+    type: Literal["lif", "if"] = "lif"
+    tau: Annotated[float, AfterValidator(_above_one)] = 2.0
+    v_threshold: Positive = 1.0
+    reset: Literal["hard", "soft"] = "hard"
+    surrogate: Literal["atan", "sigmoid"] = "atan"
+    alpha: Positive = 2.0
+    detach_reset: bool = True
+
+
+class ModelCfg(_Strict):
+    name: Literal["vgg"] = "vgg"
+    # Conv widths; "M" is a 2x2 max-pool.
+    layers: list[Union[PositiveInt, Literal["M"]]] = Field(default_factory=lambda: [64, 128, "M", 256, "M", 256])
+    neuron: NeuronCfg = NeuronCfg()
+
+    @model_validator(mode="after")
+    def _has_conv(self) -> "ModelCfg":
+        if not any(isinstance(v, int) for v in self.layers):
+            raise ValueError("layers: needs at least one conv width (an int)")
+        return self
+
+
+class DataCfg(_Strict):
+    name: Literal["digits"] = "digits"
+    T: PositiveInt = 4
+    encoding: Literal["direct"] = "direct"
+    test_fraction: Annotated[float, AfterValidator(_open_unit)] = 0.2
+    batch_size: PositiveInt = 64
+
+
+class OptimizerCfg(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: Positive = 0.1
+    momentum: FractionOpen = 0.9
+    weight_decay: NonNegative = 5e-4
+
+
+class TrainCfg(_Strict):
+    epochs: PositiveInt = 30
+    optimizer: OptimizerCfg = OptimizerCfg()
+    schedule: Literal["cosine", "constant"] = "cosine"
+    device: Literal["cpu"] = "cpu"
+
+
+class PruneCfg(_Strict):
+    """Dynamic structured pruning (see METHODS.md); epochs count from 0."""
+
+    method: Literal["sca"] = "sca"
+    keep: Fraction = 0.3  # target fraction of conv channels kept
+    regrow: FractionOpen = 0.1  # fraction of all channels chosen by regrowth signal, inside `keep`
+    warmup_epochs: NonNegativeInt = 2  # dense epochs before the first update
+    ramp_epochs: PositiveInt = 8  # cubic ramp of the budget from 1.0 to `keep`
+    finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
+    update_every: PositiveInt = 1  # epochs between mask updates
+    min_channels: PositiveInt = 2  # never fewer channels in a group
+
+    @model_validator(mode="after")
+    def _regrow_inside_keep(self) -> "PruneCfg":
+        if self.regrow >= self.keep:
+            raise ValueError(f"regrow: must be < keep ({self.keep}), got {self.regrow}")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    seed: NonNegativeInt = 0
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    train: TrainCfg = TrainCfg()
+    prune: PruneCfg | None = PruneCfg()
+    baseline: bool = False  # `run` also trains the same recipe without pruning
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "Recipe":
+        p = self.prune
+        if p is not None and p.warmup_epochs + p.ramp_epochs + p.finetune_epochs > self.train.epochs:
+            raise ValueError(
+                "prune: warmup_epochs + ramp_epochs + finetune_epochs must be <= train.epochs, got "
+                f"{p.warmup_epochs} + {p.ramp_epochs} + {p.finetune_epochs} > {self.train.epochs}"
+            )
+        return self
+
+    def dense(self) -> "Recipe":
+        """The same recipe without pruning (the baseline)."""
+        return self.model_copy(update={"prune": None, "baseline": False, "name": f"{self.name}-baseline"})
+
+
+def _allowed_keys(loc: tuple, root: type[BaseModel] = Recipe) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    model: Any = root
+    for part in loc[:-1]:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("int", "function-after[_positive(), int]"))))
+    path = ".".join(str(p) for p in loc) or "recipe"
+    msg = err["msg"].removeprefix("Value error, ")
+    typ = err["type"]
+    if typ == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        return f"{path}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    if typ == "literal_error":
+        return f"{path}: {msg.replace('Input should be', 'must be')}, got {err['input']!r}"
+    if typ == "value_error" and msg.split(":")[0] in {"layers", "regrow", "prune"}:
+        # model-level validators name their own field
+        head, _, rest = msg.partition(": ")
+        path = path if path.endswith(head) else (f"{path}.{head}" if path != "recipe" and head != "prune" else head)
+        return f"{path}: {rest}"
+    if "input" in err and typ not in ("missing",):
+        return f"{path}: {msg[0].lower() + msg[1:]}, got {err['input']!r}"
+    return f"{path}: {msg}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict; raise :class:`RecipeError` with field-path messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        # a union of int | "M" reports both branches: keep one message per field path
+        seen, lines = set(), []
+        for err in errors:
+            line = _format_error(err)
+            if line.split(":")[0] not in seen:
+                seen.add(line.split(":")[0])
+                lines.append(line)
+        raise RecipeError(f"{source}: " + "; ".join(lines)) from e
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML{where}") from e
+    return parse_recipe(data, str(path))

@@ -1,0 +1,71 @@
+"""Equivalence checks between two models on real inputs, naming the first layer that differs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import functional
+from spikingjelly.activation_based.neuron import BaseNode
+
+from .data import encode
+
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Equivalence:
+    n_samples: int
+    max_abs_diff: float
+    same_predictions: bool
+    first_bad_layer: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.same_predictions and self.max_abs_diff <= TOLERANCE
+
+
+def _neuron_outputs(model: nn.Module, x_seq: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    outs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o))
+               for n, m in model.named_modules() if isinstance(m, BaseNode)]
+    try:
+        logits = model(x_seq)
+    finally:
+        for h in handles:
+            h.remove()
+        functional.reset_net(model)
+    return logits, outs
+
+
+@torch.no_grad()
+def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, T: int, encoding: str,
+                   kept: dict[str, torch.Tensor] | None = None, batch_size: int = 256) -> Equivalence:
+    """Compare logits of ``candidate`` against ``reference`` on images ``x``.
+
+    ``kept`` maps a neuron name to the reference channels the candidate still has, so that on a
+    mismatch the first neuron whose spikes differ can be named.
+    """
+    reference.eval(), candidate.eval()
+    worst, same, bad = 0.0, True, None
+    for i in range(0, len(x), batch_size):
+        x_seq = encode(x[i:i + batch_size], T, encoding)
+        ref, ref_spikes = _neuron_outputs(reference, x_seq)
+        out, out_spikes = _neuron_outputs(candidate, x_seq)
+        worst = max(worst, (ref - out).abs().max().item())
+        same &= bool((ref.argmax(1) == out.argmax(1)).all())
+        if bad is None and (not same or worst > TOLERANCE):
+            bad = _first_differing(ref_spikes, out_spikes, kept or {})
+    return Equivalence(len(x), worst, same, bad if not (same and worst <= TOLERANCE) else None)
+
+
+def _first_differing(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+                     kept: dict[str, torch.Tensor]) -> str:
+    for name, r in ref.items():
+        o = out.get(name)
+        if name in kept:
+            r = r.index_select(-3, kept[name].nonzero().flatten())
+        if o is None or o.shape != r.shape or not torch.equal(o, r):
+            return name
+    return "classifier"
