@@ -10,7 +10,7 @@
 __version__ = "0.1.0"
 
 from .artifacts import load_checkpoint  # noqa: E402
-from .bench import BenchSettings, bench  # noqa: E402
+from .benchmark import BenchSettings, bench  # noqa: E402
 from .checkpoint import load_model  # noqa: E402
 from .errors import RecipeError, SnnCompressError, VerificationError  # noqa: E402
 from .export import export_onnx  # noqa: E402
@@ -19,7 +19,7 @@ from .prune.gates import ChannelGate, ChannelGroup, channel_groups  # noqa: E402
 from .prune.surgery import slim  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .run import run_pipeline  # noqa: E402
-from .slim import slim_checkpoint  # noqa: E402
+from .slimming import slim_checkpoint  # noqa: E402
 from .train import evaluate, train  # noqa: E402
 
 __all__ = [

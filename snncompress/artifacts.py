@@ -80,8 +80,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                 "plain containers (it was not executed)"
             ) from e
         raise SnnCompressError(f"{path}: not a PyTorch checkpoint ({first})") from e
-    except Exception as e:  # zip/format errors from torch.load on a text file, truncation, ...
-        raise SnnCompressError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from e
+    except Exception as e:  # torch.load on a text file, a truncated zip, ... raises many types
+        raise SnnCompressError(f"{path}: not a PyTorch checkpoint (unreadable: {type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SnnCompressError(

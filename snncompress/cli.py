@@ -25,7 +25,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _table(report: dict) -> Table:
-    from .bench import table_rows
+    from .benchmark import table_rows
 
     header, rows = table_rows(report)
     t = Table(*header, title="snncompress bench")
@@ -59,7 +59,7 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
 def slim_cmd(ckpt: Path = typer.Argument(..., help="Training checkpoint (ckpt.pt / best.pt)"),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default slim.pt beside CKPT)")) -> None:
     """Physically remove pruned channels and verify the slim model equals the masked one on the test set."""
-    from .slim import slim_checkpoint
+    from .slimming import slim_checkpoint
 
     r = slim_checkpoint(ckpt, out)
     console.print(f"params {r.params[0]:,} -> {r.params[1]:,} ({r.params[1] / r.params[0]:.1%}); "
@@ -94,7 +94,7 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
               threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: all cores)"),
               repeats: int = typer.Option(30, min=20, help="Timed runs per batch size")) -> None:
     """Measure the slim model against the dense-shaped one: latency, SOPs, MACs, firing, energy, accuracy."""
-    from .bench import BenchSettings, bench
+    from .benchmark import BenchSettings, bench
     from .errors import SnnCompressError
 
     if run_dir is not None:

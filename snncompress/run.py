@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .bench import bench
+from .benchmark import bench
 from .export import export_onnx
 from .recipe import Recipe
-from .slim import slim_checkpoint
+from .slimming import slim_checkpoint
 from .train import train
 
 

@@ -26,7 +26,7 @@ from .checkpoint import model_from_checkpoint, recipe_of
 from .data import encode, load_dataset
 from .errors import SnnCompressError
 from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
-from .slim import count_macs, count_params
+from .slimming import count_macs, count_params
 from .train import evaluate
 
 PJ_PER_MAC = 4.6  # 45 nm, Horowitz ISSCC 2014

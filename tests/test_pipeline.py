@@ -1,0 +1,93 @@
+"""Every command through the real CLI, on a real (tiny) digits run."""
+
+import json
+
+import numpy as np
+import onnx
+import torch
+
+import snncompress as sc
+from snncompress.export import ort_session, read_onnx_metadata
+
+from .conftest import TINY, cli, write_recipe
+
+
+def test_run_writes_every_artifact(run_dir):
+    for f in ["train/ckpt.pt", "train/best.pt", "train/metrics.jsonl", "baseline/ckpt.pt", "slim.pt",
+              "model.onnx", "dense.onnx", "baseline.onnx", "bench.json", "report.md"]:
+        assert (run_dir / f).is_file(), f
+    assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporaries
+    rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["kept_channels"] == 1.0 and rows[-1]["kept_channels"] <= 0.55
+
+
+def test_bench_json_schema(run_dir):
+    report = json.loads((run_dir / "bench.json").read_text())
+    for name in ("dense", "slim", "baseline"):
+        m = report["models"][name]
+        for key in ("params", "macs", "sops", "accuracy", "kept_channels", "firing_rate", "energy_uj"):
+            assert isinstance(m[key], (int, float)), (name, key)
+        assert 0 <= m["accuracy"] <= 1 and 0 < m["kept_channels"] <= 1
+        for b in ("1", "32"):
+            lat = m["latency_ms"][b]
+            assert 0 < lat["min"] <= lat["median"] <= lat["max"]
+    d, s = report["models"]["dense"], report["models"]["slim"]
+    assert s["params"] < d["params"] and s["macs"] < d["macs"]
+    assert s["accuracy"] == d["accuracy"] == s["accuracy_onnx"]  # slim and ONNX are exact
+    assert report["models"]["baseline"]["kept_channels"] == 1.0
+    assert set(report["speedup"]) == {"1", "32"} and report["settings"]["threads"] >= 1
+    assert "Speedup" in (run_dir / "report.md").read_text()
+
+
+def test_checkpoint_round_trip_weights_only(run_dir):
+    raw = torch.load(run_dir / "train" / "ckpt.pt", weights_only=True)
+    assert raw["format"] == "snncompress.ckpt/1" and raw["history"] and raw["masks"]
+    model = sc.load_model(run_dir / "train" / "ckpt.pt")
+    assert not model.training
+    for gate_name, gate in ((n, m) for n, m in model.named_modules() if isinstance(m, sc.ChannelGate)):
+        group = gate_name.replace(".gate", ".conv")
+        assert torch.equal(gate.mask, raw["masks"][group])
+    slim = sc.load_model(run_dir / "slim.pt")
+    raw_slim = torch.load(run_dir / "slim.pt", weights_only=True)
+    assert sum(p.numel() for p in slim.parameters()) == sum(t.numel() for k, t in raw_slim["state_dict"].items()
+                                                            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+def test_slim_export_bench_commands(run_dir, tmp_path):
+    res = cli("slim", run_dir / "train" / "ckpt.pt", "-o", tmp_path / "s.pt")
+    assert res.returncode == 0, res.stderr
+    assert "params" in res.stdout and "->" in res.stdout and "MACs" in res.stdout
+    res = cli("export", tmp_path / "s.pt", "--onnx", "-o", tmp_path / "s.onnx")
+    assert res.returncode == 0, res.stderr
+    meta = read_onnx_metadata(tmp_path / "s.onnx")
+    assert meta["T"] == str(TINY["data"]["T"]) and json.loads(meta["input_shape"]) == ["batch", 1, 8, 8]
+    assert len(json.loads(meta["classes"])) == 10 and len(meta["source_sha256"]) == 64
+    res = cli("bench", "--dense", run_dir / "train" / "ckpt.pt", "--slim", tmp_path / "s.pt", "-o", tmp_path, "--repeats", "20")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "bench.json").is_file() and "speedup" in res.stdout
+    res = cli("bench", run_dir, "-o", tmp_path / "again", "--repeats", "20")
+    assert res.returncode == 0, res.stderr
+    assert "baseline" in json.loads((tmp_path / "again" / "bench.json").read_text())["models"]
+
+
+def test_exported_onnx_matches_pytorch_with_dynamic_batch(run_dir):
+    model = sc.load_model(run_dir / "slim.pt")
+    sess = ort_session(run_dir / "model.onnx")
+    x = torch.randn(7, 1, 8, 8)
+    from snncompress.export import UnrolledSNN
+
+    with torch.no_grad():
+        ref = UnrolledSNN(model, TINY["data"]["T"])(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == (7, 10) and np.abs(got - ref).max() <= 1e-4
+    onnx.checker.check_model(onnx.load(run_dir / "model.onnx"))
+
+
+def test_dense_training_and_export(tmp_path):
+    recipe = write_recipe(tmp_path / "dense.yaml", {**TINY, "prune": None, "train": {"epochs": 2}})
+    res = cli("train", recipe, "--out", tmp_path / "d")
+    assert res.returncode == 0, res.stderr
+    res = cli("export", tmp_path / "d" / "ckpt.pt", "--onnx")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "d" / "ckpt.onnx").is_file()

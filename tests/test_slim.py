@@ -1,0 +1,86 @@
+import pytest
+import torch
+from spikingjelly.activation_based import functional
+
+import snncompress as sc
+from snncompress.prune.gates import set_masks
+from snncompress.verify import compare_models
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = sc.create_model("vgg", in_channels=1, num_classes=10, layers=[8, 16, "M", 16, "M", 12])
+    # non-trivial BN statistics so that kept channels spike
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(0.0, 1.0)
+    return m.eval()
+
+
+def test_channel_groups_api():
+    groups = sc.channel_groups(_model(), torch.zeros(2, 1, 8, 8))
+    assert [(g.name, g.size) for g in groups] == [("features.conv1.conv", 8), ("features.conv2.conv", 16),
+                                                  ("features.conv3.conv", 16), ("features.conv4.conv", 12)]
+    assert groups[1].convs == ["features.conv2.conv"] and groups[1].gates == ["features.conv2.gate"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_slim_equals_masked_including_single_channel_layers(seed):
+    model = _model(seed)
+    x = torch.randn(64, 1, 8, 8) * 2
+    groups = sc.channel_groups(model, x[:2])
+    gen = torch.Generator().manual_seed(seed)
+    keep = {g.name: torch.rand(g.size, generator=gen) < 0.4 for g in groups}
+    keep["features.conv2.conv"] = torch.zeros(16, dtype=torch.bool)
+    keep["features.conv2.conv"][5] = True  # a layer left with a single channel
+    for m in keep.values():
+        m[0] |= not m.any()
+    set_masks(model, groups, keep)
+    slim = sc.slim(model, keep, x[:2])
+    convs = [m for m in slim.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [int(keep[g.name].sum()) for g in groups]
+    assert not any(isinstance(m, sc.ChannelGate) for m in slim.modules())
+    eq = compare_models(model, slim, x, T=4, encoding="direct")
+    assert eq.ok, eq
+    with torch.no_grad():
+        spikes = model(x.unsqueeze(0).repeat(4, 1, 1, 1, 1))
+    functional.reset_net(model)
+    assert spikes.abs().sum() > 0  # the test is not vacuous
+
+
+def test_slim_rejects_empty_mask_and_wrong_shape():
+    model = _model()
+    with pytest.raises(ValueError, match="keeps no channel"):
+        sc.slim(model, {"features.conv1.conv": torch.zeros(8, dtype=torch.bool)}, torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="8 channels"):
+        sc.slim(model, {"features.conv1.conv": torch.ones(3, dtype=torch.bool)}, torch.zeros(2, 1, 8, 8))
+
+
+def test_verification_names_the_first_differing_layer():
+    model = _model()
+    x = torch.randn(32, 1, 8, 8) * 2
+    slim = sc.slim(model, {}, x[:2])
+    with torch.no_grad():
+        slim.features.conv3.conv.weight.mul_(-3.0)  # corrupt one layer
+    eq = compare_models(model, slim, x, T=4, encoding="direct")
+    assert not eq.ok and eq.first_bad_layer == "features.conv3.spike"
+
+
+def test_slim_checkpoint_refuses_and_writes_nothing_when_not_equivalent(run_dir, tmp_path, monkeypatch):
+    import snncompress.slimming as slim_mod
+
+    real = slim_mod.slim_model
+
+    def corrupting(model, keep, example):
+        out = real(model, keep, example)
+        with torch.no_grad():
+            out.features.conv2.conv.weight.mul_(-5.0)
+        return out
+
+    monkeypatch.setattr(slim_mod, "slim_model", corrupting)
+    target = tmp_path / "slim.pt"
+    with pytest.raises(sc.VerificationError, match="features.conv2.spike"):
+        sc.slim_checkpoint(run_dir / "train" / "ckpt.pt", target)
+    assert not target.exists() and not list(tmp_path.iterdir())
