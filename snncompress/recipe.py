@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from .errors import RecipeError
 
@@ -47,6 +47,12 @@ def _non_negative(v: float) -> float:
     return v
 
 
+def _layer_entry(v: Any) -> int | str:
+    if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    raise ValueError("must be a positive int (conv width) or 'M' (2x2 max-pool)")
+
+
 Fraction = Annotated[float, AfterValidator(_fraction)]
 FractionOpen = Annotated[float, AfterValidator(_fraction_open)]
 Positive = Annotated[float, AfterValidator(_positive)]
@@ -74,7 +80,7 @@ class NeuronCfg(_Strict):
 class ModelCfg(_Strict):
     name: Literal["vgg"] = "vgg"
     # Conv widths; "M" is a 2x2 max-pool.
-    layers: list[Union[PositiveInt, Literal["M"]]] = Field(default_factory=lambda: [64, 128, "M", 256, "M", 256])
+    layers: list[Annotated[int | str, PlainValidator(_layer_entry)]] = Field(default_factory=lambda: [64, 128, "M", 256, "M", 256])
     neuron: NeuronCfg = NeuronCfg()
 
     @model_validator(mode="after")
@@ -164,23 +170,21 @@ def _allowed_keys(loc: tuple, root: type[BaseModel] = Recipe) -> list[str]:
 
 
 def _format_error(err: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("int", "function-after[_positive(), int]"))))
-    path = ".".join(str(p) for p in loc) or "recipe"
+    """One error as ``field.path: what is wrong, got <value>``."""
+    loc = tuple(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
-    typ = err["type"]
-    if typ == "extra_forbidden":
+    if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
-        return f"{path}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-    if typ == "literal_error":
-        return f"{path}: {msg.replace('Input should be', 'must be')}, got {err['input']!r}"
-    if typ == "value_error" and msg.split(":")[0] in {"layers", "regrow", "prune"}:
-        # model-level validators name their own field
-        head, _, rest = msg.partition(": ")
-        path = path if path.endswith(head) else (f"{path}.{head}" if path != "recipe" and head != "prune" else head)
-        return f"{path}: {rest}"
-    if "input" in err and typ not in ("missing",):
-        return f"{path}: {msg[0].lower() + msg[1:]}, got {err['input']!r}"
-    return f"{path}: {msg}"
+        return f"{'.'.join(map(str, loc))}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    head, sep, rest = msg.partition(": ")
+    model_level = err["type"] == "value_error" and sep and head in _allowed_keys((*loc, head))
+    if model_level:  # a model-level validator names the field it is about; its input is the whole section
+        loc, msg = (*loc, head), rest
+    path = ".".join(map(str, loc)) or "recipe"
+    msg = msg.replace("Input should be", "must be")
+    if model_level or err["type"] == "missing" or ", got " in msg:
+        return f"{path}: {msg}"
+    return f"{path}: {msg[0].lower() + msg[1:]}, got {err['input']!r}"
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -192,14 +196,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
-        # a union of int | "M" reports both branches: keep one message per field path
-        seen, lines = set(), []
-        for err in errors:
-            line = _format_error(err)
-            if line.split(":")[0] not in seen:
-                seen.add(line.split(":")[0])
-                lines.append(line)
+        lines = [_format_error(err) for err in e.errors(include_url=False)]
         raise RecipeError(f"{source}: " + "; ".join(lines)) from e
 
 

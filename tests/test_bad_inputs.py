@@ -61,3 +61,19 @@ def test_foreign_checkpoint(tmp_path):
 
 def test_bench_needs_inputs(tmp_path):
     _assert_clean_failure(cli("bench", tmp_path / "nodir"), "no such run directory")
+
+
+def test_truncated_checkpoint(run_dir, tmp_path):
+    data = (run_dir / "train" / "ckpt.pt").read_bytes()
+    p = tmp_path / "cut.pt"
+    p.write_bytes(data[: len(data) // 2])
+    _assert_clean_failure(cli("slim", p, "-o", tmp_path / "s.pt"), "not a PyTorch checkpoint")
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_run_without_prune_section_is_refused(tmp_path):
+    from .conftest import TINY, write_recipe
+
+    recipe = write_recipe(tmp_path / "dense.yaml", {**TINY, "prune": None})
+    _assert_clean_failure(cli("run", recipe, "--out", tmp_path / "out"), "prune")
+    assert not (tmp_path / "out").exists()
