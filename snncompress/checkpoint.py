@@ -7,7 +7,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .artifacts import CKPT_FORMAT, SLIM_FORMAT, load_checkpoint
+from .artifacts import SLIM_FORMAT, load_checkpoint
 from .errors import SnnCompressError
 from .models import create_model
 from .prune.gates import channel_groups, set_masks
@@ -54,5 +54,3 @@ def load_model(path: str | os.PathLike) -> nn.Module:
 def recipe_of(ckpt: dict) -> Recipe:
     return parse_recipe(ckpt["recipe"], "checkpoint recipe")
 
-
-__all__ = ["CKPT_FORMAT", "SLIM_FORMAT", "load_model", "model_from_checkpoint", "model_spec", "example_input"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -130,14 +131,12 @@ def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
 @app.command("info")
 def info_cmd() -> None:
     """Versions and registered models."""
-    import onnxruntime
-    import spikingjelly
-    import torch
+    from importlib.metadata import version
 
     from .models import list_models
 
-    console.print(f"snncompress {__version__}; torch {torch.__version__}; spikingjelly "
-                  f"{getattr(spikingjelly, '__version__', '2.x')}; onnxruntime {onnxruntime.__version__}")
+    console.print(f"snncompress {__version__}; " + "; ".join(
+        f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime")))
     console.print(f"models: {', '.join(list_models())}")
 
 
@@ -145,6 +144,8 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit (tracebacks with --debug)."""
     from .errors import SnnCompressError
 
+    # torch warns on every run of a custom op that Triton (a GPU compiler) is missing: noise on CPU
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
     try:
         app(standalone_mode=False)
     except SnnCompressError as e:

@@ -47,7 +47,8 @@ def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, 
     ``kept`` maps a neuron name to the reference channels the candidate still has, so that on a
     mismatch the first neuron whose spikes differ can be named.
     """
-    reference.eval(), candidate.eval()
+    reference.eval()
+    candidate.eval()
     worst, same, bad = 0.0, True, None
     for i in range(0, len(x), batch_size):
         x_seq = encode(x[i:i + batch_size], T, encoding)

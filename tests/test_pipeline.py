@@ -91,3 +91,8 @@ def test_dense_training_and_export(tmp_path):
     res = cli("export", tmp_path / "d" / "ckpt.pt", "--onnx")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "d" / "ckpt.onnx").is_file()
+
+
+def test_info_lists_models_and_versions():
+    res = cli("info")
+    assert res.returncode == 0 and "vgg" in res.stdout and "spikingjelly 2." in res.stdout

@@ -51,7 +51,7 @@ class ChannelGroup:
 
 def strip_gates(model: nn.Module) -> nn.Module:
     """Replace every :class:`ChannelGate` by ``nn.Identity`` (in place) and return the model."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, ChannelGate):
                 setattr(module, child_name, nn.Identity())
@@ -102,11 +102,12 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     names = {m: n for n, m in stripped.named_modules()}
     dg = dependency_graph(stripped, example_input)
     gate_of_conv = _gates_by_conv(model)
+    classifier = classifier_layers(stripped)
 
     groups: list[ChannelGroup] = []
     seen: set[str] = set()
     for name, module in stripped.named_modules():
-        if not isinstance(module, nn.Conv2d) or name in seen or module in classifier_layers(stripped):
+        if not isinstance(module, nn.Conv2d) or name in seen or module in classifier:
             continue
         if module.groups != 1:
             raise ValueError(f"{name}: grouped/depthwise convolution is not supported")
