@@ -20,7 +20,7 @@ from .prune.surgery import slim  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .run import run_pipeline  # noqa: E402
 from .slimming import slim_checkpoint  # noqa: E402
-from .train import evaluate, train  # noqa: E402
+from .training import evaluate, train  # noqa: E402
 
 __all__ = [
     "BenchSettings", "ChannelGate", "ChannelGroup", "Recipe", "RecipeError", "SnnCompressError",

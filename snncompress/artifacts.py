@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,14 +35,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:  # disk full, quota, permissions: the previous file is still in place
+        raise _write_failed(path, e.strerror or str(e)) from e
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _write_failed(path: Path, reason: str) -> SnnCompressError:
+    if shutil.disk_usage(path.parent).free < (1 << 20):
+        reason = "no space left on device"
+    kept = "the previous version is unchanged" if path.exists() else "nothing was written"
+    return SnnCompressError(f"{path}: could not write it ({reason}); {kept}")
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file and an atomic rename."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
+            raise OSError(str(e).splitlines()[0] if str(e) else "write failed") from e
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
@@ -82,8 +95,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise SnnCompressError(f"{path}: not a PyTorch checkpoint ({first})") from e
     except Exception as e:  # torch.load on a text file, a truncated zip, ... raises many types
         raise SnnCompressError(f"{path}: not a PyTorch checkpoint (unreadable: {type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in FORMATS:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if isinstance(found, str) and found.startswith("snncompress.") and found not in FORMATS:
+        raise SnnCompressError(f"{path}: checkpoint format {found!r} is not supported by this version "
+                               f"(supported: {', '.join(FORMATS)})")
+    if found not in FORMATS:
+        found = found if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SnnCompressError(
             f"{path}: not an snncompress checkpoint (format {found!r}; expected one of {', '.join(FORMATS)})"
         )

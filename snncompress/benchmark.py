@@ -27,7 +27,7 @@ from .data import encode, load_dataset
 from .errors import SnnCompressError
 from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
 from .slimming import count_macs, count_params
-from .train import evaluate
+from .training import evaluate
 
 PJ_PER_MAC = 4.6  # 45 nm, Horowitz ISSCC 2014
 PJ_PER_AC = 0.9

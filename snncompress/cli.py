@@ -44,13 +44,14 @@ def _print_bench(report: dict, out_dir: Path) -> None:
 
 @app.command("train")
 def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
-              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)")) -> None:
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)"),
+              resume: bool = typer.Option(False, "--resume", help="Continue from OUT/ckpt.pt (same recipe)")) -> None:
     """Train a spiking network (with the recipe's dynamic pruning) into OUT: ckpt.pt, best.pt, metrics.jsonl."""
     from .recipe import load_recipe
-    from .train import train
+    from .training import train
 
     r = load_recipe(recipe)
-    res = train(r, out or Path("runs") / r.name)
+    res = train(r, out or Path("runs") / r.name, resume=resume)
     last = res.metrics[-1]
     console.print(f"test accuracy {last['test_acc']:.4f}, kept channels {last['kept_channels']:.3f}; "
                   f"wrote {res.ckpt}, {res.best}, {res.out_dir / 'metrics.jsonl'}")
@@ -117,27 +118,43 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
 
 @app.command("run")
 def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe name>)")) -> None:
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe name>)"),
+            resume: bool = typer.Option(False, "--resume", help="Skip finished stages, continue unfinished training")) -> None:
     """train -> slim -> export -> bench, all into one run directory."""
     from .recipe import load_recipe
     from .run import run_pipeline
 
     r = load_recipe(recipe)
     out = out or Path("runs") / r.name
-    report = run_pipeline(r, out, log=lambda stage: console.print(f"[bold cyan]▶ {stage}"))
+    report = run_pipeline(r, out, resume=resume, log=lambda stage: console.print(f"[bold cyan]▶ {stage}"))
     _print_bench(report, out)
 
 
 @app.command("info")
-def info_cmd() -> None:
-    """Versions and registered models."""
+def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt) or ONNX model to describe")) -> None:
+    """Versions and registered models, or what a checkpoint / ONNX file written by snncompress holds."""
     from importlib.metadata import version
 
-    from .models import list_models
+    if path is None:
+        from .models import list_models
 
-    console.print(f"snncompress {__version__}; " + "; ".join(
-        f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime")))
-    console.print(f"models: {', '.join(list_models())}")
+        console.print(f"snncompress {__version__}; " + "; ".join(
+            f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime")))
+        console.print(f"models: {', '.join(list_models())}")
+        return
+    if path.suffix == ".onnx":
+        from .export import read_onnx_metadata
+
+        for k, v in read_onnx_metadata(path).items():
+            console.print(f"{k}: {v}", highlight=False)
+        return
+    from .artifacts import load_checkpoint
+
+    ck = load_checkpoint(path)
+    kept = {g: f"{int(m.sum())}/{m.numel()}" for g, m in ck["masks"].items()}
+    console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {ck['model']['name']} "
+                  f"{ck['model']['kwargs'].get('layers')}\nepoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\n"
+                  f"kept channels: {kept}", highlight=False)
 
 
 def main() -> None:

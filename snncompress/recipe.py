@@ -110,6 +110,7 @@ class TrainCfg(_Strict):
     optimizer: OptimizerCfg = OptimizerCfg()
     schedule: Literal["cosine", "constant"] = "cosine"
     device: Literal["cpu"] = "cpu"
+    checkpoint_every: PositiveInt = 1  # epochs between ckpt.pt writes (the last epoch is always written)
 
 
 class PruneCfg(_Strict):

@@ -1,40 +1,77 @@
-"""``snncompress run``: train -> slim -> export -> bench into one run directory."""
+"""``snncompress run``: train -> slim -> export -> bench into one run directory, stage by stage."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Callable
 
+from .artifacts import write_json
 from .benchmark import bench
+from .errors import SnnCompressError
 from .export import export_onnx
 from .recipe import Recipe
 from .slimming import slim_checkpoint
-from .train import train
+from .training import train
+
+RUN_FORMAT = "snncompress.run/1"
+STAGES = ("train", "baseline", "slim", "export", "bench")
 
 
-def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True,
+def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = False,
                  log: Callable[[str], None] = lambda _: None) -> dict:
     """Run every stage; return the bench report. Layout of ``out_dir``::
 
+        run.json                                 recipe and each stage's status
         train/{ckpt.pt,best.pt,metrics.jsonl}   pruned training (masks in the checkpoint)
         baseline/...                             dense training of the same recipe (if recipe.baseline)
         slim.pt  model.onnx  dense.onnx  [baseline.onnx]  bench.json  report.md
+
+    With ``resume=True``, stages that ``run.json`` records as done (and whose outputs exist) are
+    skipped and unfinished trainings continue from their last checkpoint.
 
     The last checkpoint (end of the frozen-mask fine-tune) is slimmed, not ``best.pt``: the best
     epoch is chosen on the test set, so reporting it would overstate accuracy.
     """
     out = Path(out_dir)
     if recipe.prune is None:
-        raise ValueError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
-    log("train (pruned)")
-    trained = train(recipe, out / "train", progress=progress)
-    baseline = None
-    if recipe.baseline:
-        log("train (dense baseline)")
-        baseline = train(recipe.dense(), out / "baseline", progress=progress).ckpt
-    log("slim")
-    slimmed = slim_checkpoint(trained.ckpt, out / "slim.pt")
-    log(f"export ({slimmed.path.name} -> model.onnx)")
-    export_onnx(slimmed.path, out / "model.onnx")
-    log("bench")
-    return bench(trained.ckpt, slimmed.path, out, baseline=baseline)
+        raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
+    status_path = out / "run.json"
+    recipe_json = recipe.model_dump(mode="json")
+    status = {"format": RUN_FORMAT, "recipe": recipe_json, "stages": {}}
+    if resume and status_path.exists():
+        previous = json.loads(status_path.read_text())
+        if previous.get("recipe") != recipe_json:
+            raise SnnCompressError(f"{status_path}: this run used a different recipe; resume with the same one")
+        status["stages"] = previous.get("stages", {})
+
+    outputs = {"train": out / "train" / "ckpt.pt", "baseline": out / "baseline" / "ckpt.pt",
+               "slim": out / "slim.pt", "export": out / "model.onnx", "bench": out / "bench.json"}
+    actions = {
+        "train": lambda: train(recipe, out / "train", progress=progress, resume=resume),
+        "baseline": lambda: train(recipe.dense(), out / "baseline", progress=progress, resume=resume),
+        "slim": lambda: slim_checkpoint(outputs["train"], outputs["slim"]),
+        "export": lambda: export_onnx(outputs["slim"], outputs["export"]),
+        "bench": lambda: bench(outputs["train"], outputs["slim"], out,
+                               baseline=outputs["baseline"] if recipe.baseline else None),
+    }
+    for stage in STAGES:
+        if stage == "baseline" and not recipe.baseline:
+            continue
+        done = status["stages"].get(stage, {}).get("status") == "done" and outputs[stage].exists()
+        if done:
+            log(f"{stage}: done, skipped")
+            continue
+        log(stage)
+        status["stages"][stage] = {"status": "running", "started": time.time()}
+        write_json(status, status_path)
+        try:
+            actions[stage]()
+        except BaseException:
+            status["stages"][stage]["status"] = "failed"
+            write_json(status, status_path)
+            raise
+        status["stages"][stage].update(status="done", finished=time.time())
+        write_json(status, status_path)
+    return json.loads(outputs["bench"].read_text())

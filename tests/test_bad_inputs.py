@@ -77,3 +77,83 @@ def test_run_without_prune_section_is_refused(tmp_path):
     recipe = write_recipe(tmp_path / "dense.yaml", {**TINY, "prune": None})
     _assert_clean_failure(cli("run", recipe, "--out", tmp_path / "out"), "prune")
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_format_version(run_dir, tmp_path):
+    ck = torch.load(run_dir / "train" / "ckpt.pt", weights_only=True)
+    ck["format"] = "snncompress.ckpt/9"
+    torch.save(ck, tmp_path / "future.pt")
+    _assert_clean_failure(cli("slim", tmp_path / "future.pt"), "not supported by this version")
+
+
+def test_checkpoint_of_another_model(run_dir, tmp_path):
+    ck = torch.load(run_dir / "train" / "ckpt.pt", weights_only=True)
+    ck["model"]["kwargs"]["layers"] = [8, 32, "M", 16]  # weights no longer fit the architecture
+    torch.save(ck, tmp_path / "other.pt")
+    out = tmp_path / "s.pt"
+    _assert_clean_failure(cli("slim", tmp_path / "other.pt", "-o", out), "weights do not match")
+    assert not out.exists()
+
+
+def test_onnx_not_written_by_snncompress_and_truncated(run_dir, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "foreign.onnx")
+    _assert_clean_failure(cli("info", tmp_path / "foreign.onnx"), "not an ONNX model written by snncompress")
+    data = (run_dir / "model.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
+    _assert_clean_failure(cli("info", tmp_path / "cut.onnx"), "not a readable ONNX file")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import pytest
+
+    import snncompress as sc
+    import snncompress.training.loop as loop
+    from snncompress.recipe import parse_recipe
+
+    from .conftest import TINY
+
+    real, calls = loop.F.cross_entropy, {"n": 0}
+    batches_per_epoch = 12  # 1437 training digits / batch 128
+
+    def poisoned(*args, **kwargs):  # the training loss turns NaN in epoch 2, as a diverging run would
+        loss = real(*args, **kwargs)
+        if not loss.requires_grad:  # evaluation
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 2 * batches_per_epoch else loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(sc.SnnCompressError, match=r"loss is nan in epoch 2.*epoch 1\)"):
+        sc.train(parse_recipe(TINY), tmp_path, progress=False)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 1
+
+
+def test_full_disk_fails_cleanly_and_keeps_the_old_checkpoint(run_dir, tmp_path):
+    import subprocess
+
+    import pytest
+
+    from .conftest import TINY, write_recipe
+
+    size = (run_dir / "train" / "ckpt.pt").stat().st_size
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # room for one checkpoint and the metrics, not for the temporary copy of the next one
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096 + 8192}",
+                              "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        recipe = write_recipe(tmp_path / "r.yaml", TINY)
+        res = cli("train", recipe, "--out", disk)
+        _assert_clean_failure(res, "no space left on device", "previous version is unchanged")
+        assert torch.load(disk / "ckpt.pt", weights_only=True)["epoch"] == 0
+        assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)])

@@ -98,5 +98,17 @@ class DynamicPruner:
         set_masks(self.model, self.groups, masks)
         self._freeze_closed(masks)
 
+    def state_dict(self) -> dict:
+        """Accumulated scores of the current update window (masks and history live in the checkpoint)."""
+        return {"scorer": self.scorer.state_dict(), "regrowth": {n: r.clone() for n, r in self._regrowth.items()}}
+
+    def load_state_dict(self, state: dict, masks: dict[str, torch.Tensor], history: list[dict]) -> None:
+        # the frozen snapshots are re-taken from the loaded weights: closed channels never moved
+        self.load_masks(masks)
+        self.history = [dict(h) for h in history]
+        self.scorer.load_state_dict(state["scorer"])
+        for n, r in state["regrowth"].items():
+            self._regrowth[n].copy_(r)
+
     def remove(self) -> None:
         self.scorer.remove()

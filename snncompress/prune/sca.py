@@ -53,6 +53,14 @@ class ActivityScorer:
     def scores(self) -> dict[str, torch.Tensor]:
         return {n: self._sum[n] / max(1, self._count[n]) for n in self._sum}
 
+    def state_dict(self) -> dict:
+        return {"sum": {n: t.clone() for n, t in self._sum.items()}, "count": dict(self._count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, t in state["sum"].items():
+            self._sum[n].copy_(t)
+        self._count.update(state["count"])
+
     def reset(self) -> None:
         for n in self._sum:
             self._sum[n].zero_()

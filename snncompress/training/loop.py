@@ -17,7 +17,7 @@ from spikingjelly.activation_based import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from .. import __version__
-from ..artifacts import CKPT_FORMAT, atomic_path, save_torch
+from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
 from ..checkpoint import model_spec
 from ..data import Dataset, encode, load_dataset
 from ..errors import SnnCompressError
@@ -65,8 +65,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encodin
     return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item(), out
 
 
-def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> TrainResult:
-    """Train ``recipe`` into ``out_dir`` (``ckpt.pt``, ``best.pt``, ``metrics.jsonl``)."""
+def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train ``recipe`` into ``out_dir`` (``ckpt.pt``, ``best.pt``, ``metrics.jsonl``).
+
+    With ``resume=True`` and an ``out_dir/ckpt.pt`` of the same recipe, training continues from it
+    with the optimiser, scheduler, RNG, masks and pruning-score state it saved, so that the result
+    is bitwise identical (on CPU) to an uninterrupted run. Without a checkpoint it starts afresh.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(recipe.seed)
@@ -80,20 +85,22 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> TrainRe
     opt = make_optimizer(model, recipe.train)
     epochs = recipe.train.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
-        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     gen = torch.Generator().manual_seed(recipe.seed)
     loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=recipe.data.batch_size,
                         shuffle=True, generator=gen)
 
-    metrics: list[dict] = []
-    best_acc = -1.0
+    ckpt_path, best_path, metrics_path = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    start, best_acc, metrics = 0, -1.0, []
+    if resume and ckpt_path.exists():
+        start, best_acc, metrics = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path)
     base = {"format": CKPT_FORMAT, "version": __version__, "recipe": recipe.model_dump(mode="json"),
             "model": spec, "data": data.meta(recipe.data)}
-    metrics_path = out_dir / "metrics.jsonl"
-    lines: list[str] = []
+    every = recipe.train.checkpoint_every
+    last_saved = start - 1
     with _progress(progress) as bar:
-        task = bar.add_task(recipe.name, total=epochs, info="")
-        for epoch in range(epochs):
+        task = bar.add_task(recipe.name, total=epochs, completed=start, info="resumed" if start else "")
+        for epoch in range(start, epochs):
             t0 = time.perf_counter()
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
@@ -101,7 +108,9 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> TrainRe
                 out = model(encode(xb, T, enc))
                 loss = F.cross_entropy(out, yb)
                 if not torch.isfinite(loss):
-                    raise SnnCompressError(f"training diverged: loss is {loss.item()} in epoch {epoch}")
+                    good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none (no epoch finished)"
+                    raise SnnCompressError(f"training diverged: loss is {loss.item()} in epoch {epoch}; "
+                                           f"stopped; last good checkpoint: {good}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if pruner:
@@ -117,28 +126,77 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> TrainRe
             event = pruner.end_epoch(epoch) if pruner else None
             test_loss, test_acc, _ = evaluate(model, data.x_test, data.y_test, T, enc)
             kept = pruner.kept_fraction() if pruner else 1.0
+            seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
                    "kept_channels": kept, "mask_update": event is not None,
-                   "seconds": time.perf_counter() - t0, "samples_per_s": seen / (time.perf_counter() - t0)}
+                   "seconds": seconds, "samples_per_s": seen / seconds}
             metrics.append(row)
-            lines.append(json.dumps(row))
-            with atomic_path(metrics_path) as tmp:
-                tmp.write_text("\n".join(lines) + "\n")
 
-            ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
-                    "history": _history(pruner), "metrics": row, "epoch": epoch}
-            save_torch(ckpt, out_dir / "ckpt.pt")
             eligible = pruner is None or pruner.at_target()
-            if eligible and test_acc > best_acc:
-                best_acc = test_acc
-                save_torch(ckpt, out_dir / "best.pt")
+            improved = eligible and test_acc > best_acc
+            best_acc = test_acc if improved else best_acc
+            ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
+                    "history": _history(pruner), "metrics": row, "epoch": epoch,
+                    "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
+            if improved:
+                save_torch(ckpt, best_path)
+            # metrics first: a resume truncates them to the checkpoint's epoch
+            write_text("".join(json.dumps(m) + "\n" for m in metrics), metrics_path)
+            if (epoch + 1) % every == 0 or epoch == epochs - 1:
+                save_torch(ckpt, ckpt_path)
+                last_saved = epoch
             bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  acc {test_acc:.3f}  kept {kept:.2f}")
     if pruner:
         pruner.remove()
-    if not (out_dir / "best.pt").exists():  # e.g. a schedule that never reached its target
-        save_torch(ckpt, out_dir / "best.pt")
-    return TrainResult(out_dir, out_dir / "ckpt.pt", out_dir / "best.pt", metrics)
+    if not best_path.exists():  # e.g. a schedule that never reached its target
+        save_torch(load_checkpoint(ckpt_path), best_path)
+    return TrainResult(out_dir, ckpt_path, best_path, metrics)
+
+
+def _train_state(opt, sched, gen: torch.Generator, pruner: DynamicPruner | None, best_acc: float) -> dict:
+    """Everything beyond the weights that a bitwise-exact resume needs (tensors and plain data only)."""
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()},
+            "pruner": pruner.state_dict() if pruner else None, "best_acc": best_acc}
+
+
+def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics_path: Path) -> tuple[int, float, list]:
+    ckpt = load_checkpoint(path)
+    if ckpt["format"] != CKPT_FORMAT or "train_state" not in ckpt:
+        raise SnnCompressError(f"{path}: cannot resume from it (a {ckpt['format']} checkpoint without training state)")
+    diff = _recipe_diff(ckpt["recipe"], recipe.model_dump(mode="json"))
+    if diff:
+        raise SnnCompressError(f"{path}: was trained with a different recipe ({', '.join(diff)} differ); "
+                               "resume with the same recipe or use another --out")
+    state = ckpt["train_state"]
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"]["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if pruner:
+            pruner.load_state_dict(state["pruner"], ckpt["masks"], ckpt["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise SnnCompressError(f"{path}: training state does not match this model ({type(e).__name__})") from e
+    epoch = int(ckpt["epoch"])
+    metrics = []
+    if metrics_path.exists():
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:epoch + 1]
+    return epoch + 1, float(state["best_acc"]), metrics
+
+
+def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two recipe dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _recipe_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _history(pruner: DynamicPruner | None) -> list[dict]:
