@@ -10,7 +10,7 @@ import torch.nn as nn
 from .artifacts import SLIM_FORMAT, load_checkpoint
 from .errors import SnnCompressError
 from .models import create_model
-from .prune.gates import channel_groups, set_masks
+from .prune.gates import attach_gates, channel_groups, set_masks
 from .prune.surgery import slim as slim_model
 from .recipe import Recipe, parse_recipe
 
@@ -22,6 +22,11 @@ def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
                                        "layers": list(m.layers), "neuron": m.neuron.model_dump()}}
 
 
+def build_model(spec: dict, example: torch.Tensor) -> nn.Module:
+    """The gated multi-step model of a ``{name, kwargs}`` spec (gates open)."""
+    return attach_gates(create_model(spec["name"], **spec["kwargs"]), example)
+
+
 def example_input(ckpt: dict, batch: int = 2) -> torch.Tensor:
     """A multi-step input of the checkpoint's shape, ``[T, B, C, H, W]``."""
     data = ckpt["data"]
@@ -31,7 +36,7 @@ def example_input(ckpt: dict, batch: int = 2) -> torch.Tensor:
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint dict describes (gated dense model, or slim model) in eval mode."""
     try:
-        model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+        model = build_model(ckpt["model"], example_input(ckpt))
         if ckpt["format"] == SLIM_FORMAT:
             # replay the removal on the dense architecture, then load the slim weights
             keep = {g: torch.as_tensor(m, dtype=torch.bool) for g, m in ckpt["masks"].items()}

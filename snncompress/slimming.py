@@ -15,8 +15,7 @@ from .artifacts import CKPT_FORMAT, SLIM_FORMAT, load_checkpoint, save_torch, sh
 from .checkpoint import example_input, model_from_checkpoint, recipe_of
 from .data import encode, load_dataset
 from .errors import SnnCompressError, VerificationError
-from .prune.gates import channel_groups
-from .prune.sca import neuron_after
+from .prune.gates import channel_groups, neuron_of
 from .prune.surgery import slim as slim_model
 from .verify import Equivalence, compare_models
 
@@ -66,7 +65,7 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
     kept_by_neuron = {}
     for g in channel_groups(masked, x_ex):
         for gate in g.gates:
-            kept_by_neuron[neuron_after(masked, gate)[0]] = masks[g.name]
+            kept_by_neuron[neuron_of(gate)] = masks[g.name]
     eq = compare_models(masked, slim_net, data.x_test, ckpt["data"]["T"], ckpt["data"]["encoding"], kept_by_neuron)
     if not eq.ok:
         raise VerificationError(

@@ -46,7 +46,7 @@ def test_checkpoint_round_trip_weights_only(run_dir):
     model = sc.load_model(run_dir / "train" / "ckpt.pt")
     assert not model.training
     for gate_name, gate in ((n, m) for n, m in model.named_modules() if isinstance(m, sc.ChannelGate)):
-        group = gate_name.replace(".gate", ".conv")
+        group = gate_name.replace(".spike.gate", ".conv")
         assert torch.equal(gate.mask, raw["masks"][group])
     slim = sc.load_model(run_dir / "slim.pt")
     raw_slim = torch.load(run_dir / "slim.pt", weights_only=True)

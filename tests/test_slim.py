@@ -3,13 +3,14 @@ import torch
 from spikingjelly.activation_based import functional
 
 import snncompress as sc
-from snncompress.prune.gates import set_masks
+from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.verify import compare_models
 
 
 def _model(seed=0):
     torch.manual_seed(seed)
     m = sc.create_model("vgg", in_channels=1, num_classes=10, layers=[8, 16, "M", 16, "M", 12])
+    attach_gates(m, torch.zeros(2, 1, 8, 8))
     # non-trivial BN statistics so that kept channels spike
     for mod in m.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -23,7 +24,7 @@ def test_channel_groups_api():
     groups = sc.channel_groups(_model(), torch.zeros(2, 1, 8, 8))
     assert [(g.name, g.size) for g in groups] == [("features.conv1.conv", 8), ("features.conv2.conv", 16),
                                                   ("features.conv3.conv", 16), ("features.conv4.conv", 12)]
-    assert groups[1].convs == ["features.conv2.conv"] and groups[1].gates == ["features.conv2.gate"]
+    assert groups[1].convs == ["features.conv2.conv"] and groups[1].gates == ["features.conv2.spike.gate"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

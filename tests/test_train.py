@@ -4,6 +4,7 @@ import torch
 
 import snncompress as sc
 from snncompress.prune.controller import DynamicPruner
+from snncompress.prune.gates import attach_gates
 from snncompress.recipe import parse_recipe
 
 from .conftest import TINY
@@ -35,6 +36,7 @@ def test_closed_channels_are_frozen_and_regrowth_signal_is_collected():
     recipe = parse_recipe(TINY)
     model = sc.create_model("vgg", in_channels=1, num_classes=10, layers=[8, 8])
     x = torch.randn(2, 16, 1, 8, 8)
+    attach_gates(model, x)
     groups = sc.channel_groups(model, x)
     pruner = DynamicPruner(model, groups, recipe.prune, epochs=4)
     mask = torch.tensor([True] * 4 + [False] * 4)

@@ -1,4 +1,4 @@
-"""Spiking VGG: [Conv -> BN -> gate -> spiking neuron] blocks with max-pooling, then a linear readout."""
+"""Spiking VGG: [Conv -> BN -> spiking neuron] blocks with max-pooling, then a linear readout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer
 
-from ..prune.gates import ChannelGate
 from .neuron import make_neuron
 from .registry import register_model
 
@@ -18,7 +17,6 @@ def conv_block(in_ch: int, out_ch: int, neuron_kwargs: dict) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
         conv=layer.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
         bn=layer.BatchNorm2d(out_ch),
-        gate=ChannelGate(out_ch),
         spike=make_neuron(**neuron_kwargs),
     ))
 

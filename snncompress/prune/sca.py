@@ -11,18 +11,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based.neuron import BaseNode
 
-from .gates import ChannelGroup
-
-
-def neuron_after(model: nn.Module, module_name: str) -> tuple[str, BaseNode]:
-    """The first spiking neuron after ``module_name`` in module order (the one a gate feeds)."""
-    found = False
-    for name, module in model.named_modules():
-        if name == module_name:
-            found = True
-        elif found and isinstance(module, BaseNode):
-            return name, module
-    raise ValueError(f"{module_name}: no spiking neuron follows it")
+from .gates import ChannelGroup, neuron_of
 
 
 class ActivityScorer:
@@ -33,9 +22,10 @@ class ActivityScorer:
         self._sum = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         self._count = {g.name: 0 for g in groups}
         self._handles = []
+        modules = dict(model.named_modules())
         for g in groups:
             for gate in g.gates:
-                _, node = neuron_after(model, gate)
+                node = modules[neuron_of(gate)]
                 node.store_v_seq = True
                 self._handles.append(node.register_forward_hook(self._hook(g.name)))
 

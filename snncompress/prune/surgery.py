@@ -23,7 +23,7 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.T
     unknown = set(keep) - set(groups)
     if unknown:
         raise KeyError(f"unknown channel group(s) {sorted(unknown)}; groups: {', '.join(groups)}")
-    out = strip_gates(copy.deepcopy(model))
+    out = copy.deepcopy(model)
     dg = dependency_graph(out, example_input)
     modules = dict(out.named_modules())
     for name, mask in keep.items():
@@ -36,6 +36,7 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.T
         removed = (~mask).nonzero().flatten().tolist()
         if removed:
             dg.get_pruning_group(modules[g.convs[0]], tp.prune_conv_out_channels, idxs=removed).prune()
+    strip_gates(out)  # every remaining gate is open: multiplying by 1 is dropped
     functional.set_step_mode(out, "m")
     functional.invalidate_reset_cache(out)
     return out

@@ -18,10 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .. import __version__
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
-from ..checkpoint import model_spec
+from ..checkpoint import build_model, model_spec
 from ..data import Dataset, encode, load_dataset
 from ..errors import SnnCompressError
-from ..models import create_model
 from ..prune.controller import DynamicPruner
 from ..prune.gates import channel_groups, get_masks
 from ..recipe import Recipe, TrainCfg
@@ -77,9 +76,10 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     seed_everything(recipe.seed)
     data: Dataset = load_dataset(recipe.data, recipe.seed)
     spec = model_spec(recipe, data.input_shape[0], len(data.classes))
-    model = create_model(spec["name"], **spec["kwargs"])
     T, enc = recipe.data.T, recipe.data.encoding
-    groups = channel_groups(model, encode(data.x_train[:2], T, enc))
+    example = encode(data.x_train[:2], T, enc)
+    model = build_model(spec, example)
+    groups = channel_groups(model, example)
     pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs) if recipe.prune else None
 
     opt = make_optimizer(model, recipe.train)
