@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based.neuron import BaseNode
 
+from ..recipe import PruneCfg
 from .gates import ChannelGroup
+from .scorer import Scorer
 
 
 def neuron_after(model: nn.Module, module_name: str) -> tuple[str, BaseNode]:
@@ -25,11 +27,11 @@ def neuron_after(model: nn.Module, module_name: str) -> tuple[str, BaseNode]:
     raise ValueError(f"{module_name}: no spiking neuron follows it")
 
 
-class ActivityScorer:
+class ActivityScorer(Scorer):
     """Accumulates per-channel spiking activity of every group while the model trains."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup]):
-        self.groups = groups
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
+        super().__init__(model, groups, cfg, seed)
         self._sum = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         self._count = {g.name: 0 for g in groups}
         self._handles = []

@@ -75,7 +75,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> TrainRe
     model = create_model(spec["name"], **spec["kwargs"])
     T, enc = recipe.data.T, recipe.data.encoding
     groups = channel_groups(model, encode(data.x_train[:2], T, enc))
-    pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs) if recipe.prune else None
+    pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed) if recipe.prune else None
 
     opt = make_optimizer(model, recipe.train)
     epochs = recipe.train.epochs
@@ -103,7 +103,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> TrainRe
                 if not torch.isfinite(loss):
                     raise SnnCompressError(f"training diverged: loss is {loss.item()} in epoch {epoch}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss + pruner.penalty() if pruner else loss).backward()  # the method's penalty, if any
                 if pruner:
                     pruner.after_backward()
                 opt.step()
