@@ -116,7 +116,7 @@ class TrainCfg(_Strict):
 class PruneCfg(_Strict):
     """Dynamic structured pruning (see METHODS.md); epochs count from 0."""
 
-    method: Literal["sca"] = "sca"
+    method: Literal["sca", "random", "l1", "bn", "criticality"] = "sca"  # channel scorer (METHODS.md)
     keep: Fraction = 0.3  # target fraction of conv channels kept
     regrow: FractionOpen = 0.1  # fraction of all channels chosen by regrowth signal, inside `keep`
     warmup_epochs: NonNegativeInt = 2  # dense epochs before the first update
@@ -124,11 +124,20 @@ class PruneCfg(_Strict):
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
     update_every: PositiveInt = 1  # epochs between mask updates
     min_channels: PositiveInt = 2  # never fewer channels in a group
+    budget: Literal["global", "pq"] = "global"  # one global ranking, or per-group budgets from the PQ index
+    l1_gamma: NonNegative = 1e-4  # criticality: weight of the L1 penalty on BN gamma in the loss
+    pq_p: Positive = 0.5  # budget pq: PQ index norms, 0 < pq_p < pq_q (Diao et al.: 0.5, 1)
+    pq_q: Positive = 1.0
+    pq_eta: NonNegative = 0.0  # budget pq: ratio slowdown eta (Diao: 0; Shen et al.: 0.001)
+    pq_gamma: Positive = 1.0  # budget pq: ratio scale gamma
+    pq_beta: Fraction = 0.9  # budget pq: cap beta on a group's pruned fraction
 
     @model_validator(mode="after")
     def _regrow_inside_keep(self) -> "PruneCfg":
         if self.regrow >= self.keep:
             raise ValueError(f"regrow: must be < keep ({self.keep}), got {self.regrow}")
+        if self.pq_p >= self.pq_q:
+            raise ValueError(f"pq_q: must be > pq_p ({self.pq_p}), got {self.pq_q}")
         return self
 
 

@@ -6,11 +6,14 @@ import torch
 import torch.nn as nn
 
 from ..recipe import PruneCfg
+from .baselines import BNScorer, L1Scorer, RandomScorer
+from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, set_masks
 from .sca import ActivityScorer
-from .select import is_update_epoch, keep_fraction_at, select_masks
+from .select import is_update_epoch, keep_fraction_at, pq_budgets, select_masks, select_masks_budgeted
 
-SCORERS = {"sca": ActivityScorer}
+SCORERS = {"sca": ActivityScorer, "random": RandomScorer, "l1": L1Scorer, "bn": BNScorer,
+           "criticality": CriticalityScorer}
 
 
 class DynamicPruner:
@@ -19,12 +22,13 @@ class DynamicPruner:
     Call :meth:`after_backward` after each ``loss.backward()`` (accumulates the regrowth signal
     ``|dL/dgate|`` and clears gate gradients), :meth:`after_step` after each optimiser step (restores
     the frozen weights of closed channels, so a regenerated channel resumes where it left off), and
-    :meth:`end_epoch` once per epoch (recomputes the masks when the schedule says so).
+    :meth:`end_epoch` once per epoch (recomputes the masks when the schedule says so); :meth:`penalty`
+    is the method's term of the training loss.
     """
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int):
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0):
         self.model, self.groups, self.cfg, self.epochs = model, groups, cfg, epochs
-        self.scorer = SCORERS[cfg.method](model, groups)
+        self.scorer = SCORERS[cfg.method](model, groups, cfg, seed)
         self._gates = gate_modules(model)
         self._regrowth = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -41,6 +45,10 @@ class DynamicPruner:
     def at_target(self) -> bool:
         """True once the masks have reached the final budget (the best checkpoint is only taken then)."""
         return bool(self.history) and self.history[-1]["keep_target"] <= self.cfg.keep + 1e-9
+
+    def penalty(self) -> torch.Tensor:
+        """The method's term of the training loss (criticality: L1 on BN gamma); 0 for the others."""
+        return self.scorer.penalty()
 
     def after_backward(self) -> None:
         for g in self.groups:
@@ -61,8 +69,14 @@ class DynamicPruner:
             return None
         keep = keep_fraction_at(self.cfg, epoch)
         old = self.masks
-        new = select_masks(self.scorer.scores(), self._regrowth, keep, self.cfg.regrow * keep / self.cfg.keep,
-                           self.cfg.min_channels)
+        scores, grow = self.scorer.scores(), self.scorer.regrowth_scores()
+        grow = self._regrowth if grow is None else grow
+        if self.cfg.budget == "pq":
+            c = self.cfg
+            budgets = pq_budgets(scores, keep, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
+            new = select_masks_budgeted(scores, grow, budgets, c.regrow / c.keep, c.min_channels)
+        else:
+            new = select_masks(scores, grow, keep, self.cfg.regrow * keep / self.cfg.keep, self.cfg.min_channels)
         set_masks(self.model, self.groups, new)
         self._freeze_closed(new)
         self.scorer.reset()

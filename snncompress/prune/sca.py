@@ -11,16 +11,17 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based.neuron import BaseNode
 
+from ..recipe import PruneCfg
 from .gates import ChannelGroup, neuron_of
+from .scorer import ChannelMeans, Scorer
 
 
-class ActivityScorer:
+class ActivityScorer(Scorer):
     """Accumulates per-channel spiking activity of every group while the model trains."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup]):
-        self.groups = groups
-        self._sum = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-        self._count = {g.name: 0 for g in groups}
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
+        super().__init__(model, groups, cfg, seed)
+        self._activity = ChannelMeans(groups)
         self._handles = []
         modules = dict(model.named_modules())
         for g in groups:
@@ -36,25 +37,20 @@ class ActivityScorer:
             v = module.v_seq
             with torch.no_grad():
                 per_channel = (spikes.detach() + v.detach().abs()).transpose(0, -3).flatten(1).mean(1)
-            self._sum[group] += per_channel.double().cpu()
-            self._count[group] += 1
+            self._activity.add(group, per_channel, 1)
         return hook
 
     def scores(self) -> dict[str, torch.Tensor]:
-        return {n: self._sum[n] / max(1, self._count[n]) for n in self._sum}
-
-    def state_dict(self) -> dict:
-        return {"sum": {n: t.clone() for n, t in self._sum.items()}, "count": dict(self._count)}
-
-    def load_state_dict(self, state: dict) -> None:
-        for n, t in state["sum"].items():
-            self._sum[n].copy_(t)
-        self._count.update(state["count"])
+        return self._activity.means()
 
     def reset(self) -> None:
-        for n in self._sum:
-            self._sum[n].zero_()
-            self._count[n] = 0
+        self._activity.reset()
+
+    def state_dict(self) -> dict:
+        return self._activity.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._activity.load_state_dict(state)
 
     def remove(self) -> None:
         for h in self._handles:

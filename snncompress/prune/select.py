@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..recipe import PruneCfg
+from .pq import pq_index, pq_prune_ratio
 
 
 def keep_fraction_at(cfg: PruneCfg, epoch: int) -> float:
@@ -67,6 +68,81 @@ def select_masks(
     if n_regrow > 0:
         keep[_top(grow.masked_fill(keep, -math.inf), n_regrow)] = True
     return {n: keep[offsets[i]:offsets[i + 1]].clone() for i, n in enumerate(names)}
+
+
+def pq_budgets(
+    scores: dict[str, torch.Tensor],
+    keep_fraction: float,
+    min_channels: int,
+    p: float = 0.5,
+    q: float = 1.0,
+    eta: float = 0.0,
+    gamma: float = 1.0,
+    beta: float = 0.9,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Channels each group keeps: its PQ budget (METHODS.md, our structured extension), scaled to the schedule.
+
+    For group l of size d_l, with o_l open channels (``masks``; all if None) and m_l = min(min_channels, d_l):
+    ``ratio_l = pq_prune_ratio(pq_index(scores_l[open]), o_l)`` -- the index over the unmasked entries, as
+    Diao et al. and Shen et al. compute it, so the stale or zero scores of closed channels do not count --
+    and the raw budget is ``b_l = max(m_l, ceil((1 - ratio_l) * o_l))``: the part of the open channels
+    worth keeping. The total is the schedule's, ``K = clamp(round(keep_fraction * sum d_l), sum m_l, sum d_l)``,
+    shared in proportion to the raw budgets: ``n_l = clamp(c * b_l, m_l, d_l)`` with the one scale ``c >= 0``
+    (found by bisection; sum n_l is non-decreasing in c) for which ``sum n_l = K``; then rounded to integers
+    by largest remainder (ties to the earlier group), so the integer budgets sum to K exactly. A group whose
+    scores are concentrated on few channels (high PQ index) thus keeps a smaller share than one with flat scores.
+    """
+    names = list(scores)
+    sizes = [scores[n].numel() for n in names]
+    lo = [min(min_channels, d) for d in sizes]
+    open_scores = [scores[n].flatten()[masks[n]] if masks is not None else scores[n].flatten() for n in names]
+    ratios = [pq_prune_ratio(pq_index(s, p, q), s.numel(), p, q, eta, gamma, beta) for s in open_scores]
+    # ceil with a tolerance: a 2-sparse flat vector has ratio 0.5 in exact arithmetic, 0.4999999999999999 in floats
+    raw = [max(m, math.ceil((1 - r) * s.numel() - 1e-9)) for r, s, m in zip(ratios, open_scores, lo)]
+    k = min(sum(sizes), max(sum(lo), round(keep_fraction * sum(sizes))))
+
+    def shares(c: float) -> list[float]:
+        return [min(d, max(m, c * b)) for d, m, b in zip(sizes, lo, raw)]
+
+    c_lo, c_hi = 0.0, max(d / b for d, b in zip(sizes, raw))  # sum(shares(c_hi)) = sum d >= k
+    for _ in range(100):
+        mid = (c_lo + c_hi) / 2
+        c_lo, c_hi = (mid, c_hi) if sum(shares(mid)) <= k else (c_lo, mid)
+    real = shares(c_lo)  # sum <= k, within rounding of k
+    out = [math.floor(x + 1e-9) for x in real]
+    order = sorted(range(len(names)), key=lambda i: (-(real[i] - out[i]), i))
+    while sum(out) < k:
+        for i in order:
+            if sum(out) < k and out[i] < sizes[i]:
+                out[i] += 1
+    return dict(zip(names, out))
+
+
+def select_masks_budgeted(
+    scores: dict[str, torch.Tensor],
+    regrowth: dict[str, torch.Tensor],
+    budgets: dict[str, int],
+    regrow_share: float,
+    min_channels: int,
+) -> dict[str, torch.Tensor]:
+    """Per-group keep-masks with a fixed number of channels per group (e.g. from :func:`pq_budgets`).
+
+    Group l keeps ``budgets[l]`` channels: ``r_l = min(round(regrow_share * budgets[l]), budgets[l] - m_l)``
+    (m_l = min(min_channels, size)) of them chosen by the regrowth signal among the channels not chosen
+    by score, the others by score. ``regrow_share`` is the regrowth part of the kept channels
+    (``regrow / keep``), the same in every group. Ties break towards the lower channel index.
+    """
+    out = {}
+    for n, s in scores.items():
+        size, n_keep = s.numel(), budgets[n]
+        n_regrow = max(0, min(round(regrow_share * n_keep), n_keep - min(min_channels, size)))
+        keep = torch.zeros(size, dtype=torch.bool)
+        keep[_top(s.double().flatten(), n_keep - n_regrow)] = True
+        if n_regrow > 0:
+            keep[_top(regrowth[n].double().flatten().masked_fill(keep, -math.inf), n_regrow)] = True
+        out[n] = keep
+    return out
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:

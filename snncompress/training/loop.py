@@ -80,7 +80,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     example = encode(data.x_train[:2], T, enc)
     model = build_model(spec, example)
     groups = channel_groups(model, example)
-    pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs) if recipe.prune else None
+    pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed) if recipe.prune else None
 
     opt = make_optimizer(model, recipe.train)
     epochs = recipe.train.epochs
@@ -112,7 +112,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
                     raise SnnCompressError(f"training diverged: loss is {loss.item()} in epoch {epoch}; "
                                            f"stopped; last good checkpoint: {good}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss + pruner.penalty() if pruner else loss).backward()  # the method's penalty, if any
                 if pruner:
                     pruner.after_backward()
                 opt.step()
