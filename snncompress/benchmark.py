@@ -23,7 +23,7 @@ from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCou
 from . import __version__
 from .artifacts import load_checkpoint, sha256, write_json, write_text
 from .checkpoint import model_from_checkpoint, recipe_of
-from .data import encode, load_dataset
+from .data import encode, eval_batches, load_dataset, to_steps
 from .errors import SnnCompressError
 from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
 from .slimming import count_macs, count_params
@@ -55,9 +55,9 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, BaseNode)]
     model.eval()
     try:
-        for i in range(0, len(x), batch_size):
+        for inp in eval_batches(x, T, encoding, batch_size):
             with DispatchCounterMode([synops, macs]):
-                model(encode(x[i:i + batch_size], T, encoding))
+                model(to_steps(inp, T, encoding))
             functional.reset_net(model)
     finally:
         for h in handles:
@@ -69,7 +69,10 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
 
 
 def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings) -> dict[str, dict[str, float]]:
-    """Median/min/max milliseconds per call of an ONNX model at each batch size in ``BATCHES``."""
+    """Median/min/max milliseconds per call of an ONNX model at each batch size in ``BATCHES``.
+
+    ``x`` holds real model inputs (test samples, encoded), repeated to fill a batch if needed.
+    """
     sess = ort_session(path, settings.threads)
     name = sess.get_inputs()[0].name
     out = {}
@@ -106,7 +109,7 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings) -> di
     onnx_path = _onnx_for(ckpt_path, onnx_path)
 
     _, accuracy, _ = evaluate(model, data.x_test, data.y_test, T, enc)
-    onnx_logits = run_onnx(ort_session(onnx_path, settings.threads), data.x_test.numpy())
+    onnx_logits = run_onnx(ort_session(onnx_path, settings.threads), data.x_test, T, enc)
     masks = ckpt["masks"]
     kept = sum(int(torch.as_tensor(m).sum()) for m in masks.values()) / sum(len(m) for m in masks.values())
     return {
@@ -118,7 +121,8 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings) -> di
         "accuracy_onnx": float((torch.from_numpy(onnx_logits).argmax(1) == data.y_test).float().mean()),
         "kept_channels": kept,
         "kept_per_group": {g: int(torch.as_tensor(m).sum()) for g, m in masks.items()},
-        "latency_ms": onnx_latency(onnx_path, data.x_test.numpy(), settings),
+        "latency_ms": onnx_latency(onnx_path, next(eval_batches(data.x_test, T, enc, batch_size=max(BATCHES))).numpy(),
+                                   settings),
     }
 
 

@@ -21,7 +21,7 @@ from spikingjelly.activation_based import functional
 from . import __version__
 from .artifacts import atomic_path, load_checkpoint, sha256
 from .checkpoint import model_from_checkpoint, recipe_of
-from .data import encode, load_dataset
+from .data import eval_batches, graph_input, load_dataset, to_steps
 from .errors import SnnCompressError, VerificationError
 from .verify import TOLERANCE
 
@@ -29,7 +29,11 @@ ONNX_FORMAT = "snncompress.onnx/1"
 
 
 class UnrolledSNN(nn.Module):
-    """``[B, C, H, W]`` image -> logits: resets the neurons, encodes, runs all T steps in one graph."""
+    """Model input -> logits in one graph: resets the neurons, lays out the T steps, runs them all.
+
+    The input is the image ``[B, C, H, W]`` for direct encoding (repeated over T inside the graph),
+    and the spike / frame sequence ``[B, T, C, H, W]`` for Poisson and frame inputs.
+    """
 
     def __init__(self, net: nn.Module, T: int, encoding: str = "direct"):
         super().__init__()
@@ -37,7 +41,7 @@ class UnrolledSNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         functional.reset_net(self.net)
-        return self.net(encode(x, self.T, self.encoding))
+        return self.net(to_steps(x, self.T, self.encoding))
 
 
 @dataclass
@@ -57,9 +61,10 @@ def ort_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = 
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def run_onnx(sess: ort.InferenceSession, x: torch.Tensor, T: int, encoding: str) -> np.ndarray:
+    """Logits of an exported model over dataset samples ``x`` (the same inputs :func:`eval_batches` gives PyTorch)."""
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    return np.concatenate([sess.run(None, {name: inp.numpy()})[0] for inp in eval_batches(x, T, encoding)])
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
@@ -98,20 +103,24 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     recipe = recipe_of(ckpt)
     data = load_dataset(recipe.data, recipe.seed)
     try:
-        proto = _to_onnx(wrapper, data.x_test[:2])
+        proto = _to_onnx(wrapper, graph_input(data.x_test[:2], meta["T"], meta["encoding"]))
     except Exception as e:  # the exporter raises many types; report it on one line
         raise SnnCompressError(f"{ckpt_path}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    direct = meta["encoding"] == "direct"
     props = {"format": ONNX_FORMAT, "snncompress_version": __version__, "T": str(meta["T"]),
-             "encoding": meta["encoding"], "input_layout": "NCHW (one image; the graph repeats it over T)",
-             "input_shape": json.dumps(["batch", *meta["input_shape"]]),
+             "encoding": meta["encoding"],
+             "input_layout": "NCHW (one image; the graph repeats it over T)" if direct
+             else "NTCHW (the spike or frame sequence)",
+             "input_shape": json.dumps(["batch", *([] if direct else [meta["T"]]), *meta["input_shape"]]),
              "normalisation": json.dumps({"mean": meta["mean"], "std": meta["std"], "formula": "(x - mean) / std"}),
              "classes": json.dumps(meta["classes"]), "source_checkpoint": ckpt_path.name,
              "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"]}
     onnx.helper.set_model_props(proto, props)
 
+    T, enc = meta["T"], meta["encoding"]
     with torch.no_grad():
-        reference = torch.cat([wrapper(data.x_test[i:i + 256]) for i in range(0, len(data.x_test), 256)]).numpy()
-    got = run_onnx(ort_session(proto.SerializeToString()), data.x_test.numpy())
+        reference = torch.cat([wrapper(inp) for inp in eval_batches(data.x_test, T, enc)]).numpy()
+    got = run_onnx(ort_session(proto.SerializeToString()), data.x_test, T, enc)
     diff = float(np.abs(got - reference).max())
     same = bool((got.argmax(1) == reference.argmax(1)).all())
     if not same or diff > TOLERANCE:

@@ -91,11 +91,31 @@ class ModelCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    name: Literal["digits"] = "digits"
-    T: PositiveInt = 4
-    encoding: Literal["direct"] = "direct"
-    test_fraction: Annotated[float, AfterValidator(_open_unit)] = 0.2
+    """Offline datasets. ``digits``/``mnist5k`` ship with the install; the others read ``root``."""
+
+    name: Literal["digits", "mnist5k", "cifar10", "cifar100", "frames"] = "digits"
+    root: str | None = None  # cifar10/cifar100: the extracted archive (binary or python layout); frames: a folder
+    T: PositiveInt = 4  # time steps; for frames it must match the files
+    # direct: the normalised image at every step; poisson: rate-coded spikes of the [0, 1] image;
+    # frames: the data already has a time axis (event frames)
+    encoding: Literal["direct", "poisson", "frames"] = "direct"
+    test_fraction: Annotated[float, AfterValidator(_open_unit)] = 0.2  # when the data has no test split
     batch_size: PositiveInt = 64
+    augment: bool | None = None  # random crop (padding 4) + horizontal flip; default on for CIFAR
+    workers: NonNegativeInt = 0  # DataLoader worker processes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataCfg":
+        if self.name in ("cifar10", "cifar100", "frames") and not self.root:
+            raise ValueError(f"root: {self.name} is read from a local directory; set data.root")
+        if (self.name == "frames") != (self.encoding == "frames"):
+            raise ValueError("encoding: 'frames' goes with (and only with) the frames dataset, "
+                             f"got {self.encoding!r} for {self.name!r}")
+        return self
+
+    @property
+    def augments(self) -> bool:
+        return self.augment if self.augment is not None else self.name.startswith("cifar")
 
 
 class OptimizerCfg(_Strict):
@@ -109,7 +129,7 @@ class TrainCfg(_Strict):
     epochs: PositiveInt = 30
     optimizer: OptimizerCfg = OptimizerCfg()
     schedule: Literal["cosine", "constant"] = "cosine"
-    device: Literal["cpu"] = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available; bf16 autocast on cuda
     checkpoint_every: PositiveInt = 1  # epochs between ckpt.pt writes (the last epoch is always written)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.neuron import BaseNode
 
-from .data import encode
+from .data import eval_batches, to_steps
 
 TOLERANCE = 1e-4
 
@@ -50,8 +50,8 @@ def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, 
     reference.eval()
     candidate.eval()
     worst, same, bad = 0.0, True, None
-    for i in range(0, len(x), batch_size):
-        x_seq = encode(x[i:i + batch_size], T, encoding)
+    for inp in eval_batches(x, T, encoding, batch_size):
+        x_seq = to_steps(inp, T, encoding)
         ref, ref_spikes = _neuron_outputs(reference, x_seq)
         out, out_spikes = _neuron_outputs(candidate, x_seq)
         worst = max(worst, (ref - out).abs().max().item())

@@ -1,6 +1,6 @@
 """Datasets (offline) and input encoders."""
 
 from .datasets import Dataset, load_dataset
-from .encoding import encode
+from .encoding import encode, eval_batches, graph_input, to_steps
 
-__all__ = ["Dataset", "load_dataset", "encode"]
+__all__ = ["Dataset", "load_dataset", "encode", "eval_batches", "graph_input", "to_steps"]

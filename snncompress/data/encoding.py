@@ -1,12 +1,45 @@
-"""Input encoders: turn a static image batch [B, C, H, W] into a spike-time sequence [T, B, C, H, W]."""
+"""Input encoders: what the network sees at each of its T steps.
+
+``graph_input`` is what a deployed (ONNX) model takes: the image ``[B, C, H, W]`` for direct
+encoding (the graph repeats it), and the spike/frame sequence ``[B, T, C, H, W]`` otherwise (Poisson
+spikes are drawn outside the graph so that runtimes can be compared on the same spikes).
+``to_steps`` turns a graph input into the network's multi-step input ``[T, B, C, H, W]``.
+"""
 
 from __future__ import annotations
 
 import torch
 
+ENCODINGS = ("direct", "poisson", "frames")
 
-def encode(x: torch.Tensor, T: int, encoding: str = "direct") -> torch.Tensor:
-    """Direct encoding: the (analog) image is presented at every one of the T steps."""
-    if encoding != "direct":
-        raise ValueError(f"unknown encoding {encoding!r}; allowed: direct")
-    return x.unsqueeze(0).repeat(T, *([1] * x.dim()))
+
+def graph_input(x: torch.Tensor, T: int, encoding: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dataset samples -> model input. Poisson draws from ``generator`` (default: the global RNG)."""
+    if encoding == "direct":
+        return x
+    if encoding == "poisson":  # x holds intensities in [0, 1]; a pixel fires with that probability per step
+        u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=generator, dtype=x.dtype)
+        return (u < x.unsqueeze(1)).to(x.dtype)
+    if encoding == "frames":  # already [B, T, C, H, W]
+        return x
+    raise ValueError(f"unknown encoding {encoding!r}; allowed: {', '.join(ENCODINGS)}")
+
+
+def to_steps(inp: torch.Tensor, T: int, encoding: str) -> torch.Tensor:
+    """Model input -> ``[T, B, C, H, W]``."""
+    if encoding == "direct":
+        return inp.unsqueeze(0).repeat(T, *([1] * inp.dim()))
+    return inp.transpose(0, 1).contiguous()
+
+
+def encode(x: torch.Tensor, T: int, encoding: str = "direct", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dataset samples -> the network's multi-step input ``[T, B, C, H, W]``."""
+    return to_steps(graph_input(x, T, encoding, generator), T, encoding)
+
+
+def eval_batches(x: torch.Tensor, T: int, encoding: str, batch_size: int = 256, seed: int = 0):
+    """Model inputs over a dataset, batch by batch, deterministic (Poisson spikes from a fixed seed),
+    so every model and runtime compared on the same data sees exactly the same spikes."""
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, len(x), batch_size):
+        yield graph_input(x[i:i + batch_size], T, encoding, gen)

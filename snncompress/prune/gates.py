@@ -41,7 +41,7 @@ class ChannelGate(nn.Module):
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.gate.detach() > 0.5
+        return self.gate.detach().cpu() > 0.5
 
     def set_mask(self, mask: torch.Tensor) -> None:
         with torch.no_grad():

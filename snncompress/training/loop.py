@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from .. import __version__
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
 from ..checkpoint import build_model, model_spec
-from ..data import Dataset, encode, load_dataset
+from ..data import Dataset, encode, eval_batches, load_dataset, to_steps
+from ..data.augment import random_crop_flip
 from ..errors import SnnCompressError
 from ..prune.controller import DynamicPruner
 from ..prune.gates import channel_groups, get_masks
@@ -41,6 +42,14 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when torch sees a GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SnnCompressError("train.device: cuda was asked for, but torch sees no CUDA device "
+                               "(CPU-only torch build or no GPU); use auto or cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
     # gates carry masks, not weights: they are never optimised
     params = [p for n, p in model.named_parameters() if not n.endswith(".gate")]
@@ -56,9 +65,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encodin
              batch_size: int = 256) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, logits) of a multi-step model on a normalised image set."""
     model.eval()
+    device = next(model.parameters()).device
     logits = []
-    for i in range(0, len(x), batch_size):
-        logits.append(model(encode(x[i:i + batch_size], T, encoding)))
+    for inp in eval_batches(x, T, encoding, batch_size):
+        logits.append(model(to_steps(inp, T, encoding).to(device)).float().cpu())
         functional.reset_net(model)
     out = torch.cat(logits)
     return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item(), out
@@ -80,6 +90,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     example = encode(data.x_train[:2], T, enc)
     model = build_model(spec, example)
     groups = channel_groups(model, example)
+    device = resolve_device(recipe.train.device)
+    model.to(device)
     pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed) if recipe.prune else None
 
     opt = make_optimizer(model, recipe.train)
@@ -88,7 +100,11 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     gen = torch.Generator().manual_seed(recipe.seed)
     loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=recipe.data.batch_size,
-                        shuffle=True, generator=gen)
+                        shuffle=True, generator=gen, num_workers=recipe.data.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0)
+    augment = recipe.data.augments and enc != "frames"
+    # bf16 autocast on GPUs; CPU training stays fp32 (bitwise-deterministic runs and resumes)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     ckpt_path, best_path, metrics_path = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
     start, best_acc, metrics = 0, -1.0, []
@@ -105,8 +121,12 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             for xb, yb in loader:
-                out = model(encode(xb, T, enc))
-                loss = F.cross_entropy(out, yb)
+                if augment:
+                    xb = random_crop_flip(xb)
+                xb, yb = encode(xb, T, enc).to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                with autocast:
+                    out = model(xb)
+                    loss = F.cross_entropy(out.float(), yb)
                 if not torch.isfinite(loss):
                     good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none (no epoch finished)"
                     raise SnnCompressError(f"training diverged: loss is {loss.item()} in epoch {epoch}; "
@@ -146,7 +166,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
             if (epoch + 1) % every == 0 or epoch == epochs - 1:
                 save_torch(ckpt, ckpt_path)
                 last_saved = epoch
-            bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  acc {test_acc:.3f}  kept {kept:.2f}")
+            bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  acc {test_acc:.3f}  kept {kept:.2f}  "
+                                             f"{row['samples_per_s']:.0f} samples/s")
     if pruner:
         pruner.remove()
     if not best_path.exists():  # e.g. a schedule that never reached its target
