@@ -89,7 +89,7 @@ def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings) -> dict[str
     return out
 
 
-def _onnx_for(ckpt_path: Path, onnx_path: Path) -> Path:
+def _onnx_for(ckpt_path: Path, onnx_path: Path, trust_factory: bool = False) -> Path:
     """Reuse ``onnx_path`` if it was exported from exactly this checkpoint, else export (and verify) it."""
     if onnx_path.exists():
         try:
@@ -97,16 +97,16 @@ def _onnx_for(ckpt_path: Path, onnx_path: Path) -> Path:
                 return onnx_path
         except SnnCompressError:
             pass
-    return export_onnx(ckpt_path, onnx_path).path
+    return export_onnx(ckpt_path, onnx_path, trust_factory).path
 
 
-def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings) -> dict:
+def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust_factory: bool = False) -> dict:
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, str(ckpt_path))
+    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
     recipe = recipe_of(ckpt)
     data = load_dataset(recipe.data, recipe.seed)
     T, enc = ckpt["data"]["T"], ckpt["data"]["encoding"]
-    onnx_path = _onnx_for(ckpt_path, onnx_path)
+    onnx_path = _onnx_for(ckpt_path, onnx_path, trust_factory)
 
     _, accuracy, _ = evaluate(model, data.x_test, data.y_test, T, enc)
     onnx_logits = run_onnx(ort_session(onnx_path, settings.threads), data.x_test, T, enc)
@@ -133,16 +133,18 @@ def machine() -> dict:
 
 
 def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.PathLike,
-          baseline: str | os.PathLike | None = None, settings: BenchSettings | None = None) -> dict:
+          baseline: str | os.PathLike | None = None, settings: BenchSettings | None = None,
+          trust_factory: bool = False) -> dict:
     """Benchmark the dense-shaped masked checkpoint against its slim version (and an optional dense
-    baseline); write ``bench.json`` and ``report.md`` into ``out_dir`` and return the report dict."""
+    baseline); write ``bench.json`` and ``report.md`` into ``out_dir`` and return the report dict.
+    ``trust_factory``: see :func:`snncompress.load_model`."""
     settings = settings or BenchSettings()
     out_dir = Path(out_dir)
     paths = {"dense": Path(dense), "slim": Path(slim)}
     if baseline:
         paths["baseline"] = Path(baseline)
     onnx_names = {"dense": "dense.onnx", "slim": "model.onnx", "baseline": "baseline.onnx"}
-    models = {k: bench_model(p, out_dir / onnx_names[k], settings) for k, p in paths.items()}
+    models = {k: bench_model(p, out_dir / onnx_names[k], settings, trust_factory) for k, p in paths.items()}
     speedup = {b: models["dense"]["latency_ms"][b]["median"] / models["slim"]["latency_ms"][b]["median"]
                for b in models["dense"]["latency_ms"]}
     report = {

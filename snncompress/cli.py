@@ -17,12 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress spiking neural networks: train with dynamic structured pruning, slim, export to ONNX, bench.")
 console = Console()
 err_console = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "trust_factory": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          trust_factory: bool = typer.Option(False, "--trust-factory",
+                                             help="Let a checkpoint that names a user model factory import and run it.")) -> None:
     _state["debug"] = debug
+    _state["trust_factory"] = trust_factory
 
 
 def _table(report: dict) -> Table:
@@ -63,7 +66,7 @@ def slim_cmd(ckpt: Path = typer.Argument(..., help="Training checkpoint (ckpt.pt
     """Physically remove pruned channels and verify the slim model equals the masked one on the test set."""
     from .slimming import slim_checkpoint
 
-    r = slim_checkpoint(ckpt, out)
+    r = slim_checkpoint(ckpt, out, trust_factory=_state["trust_factory"])
     console.print(f"params {r.params[0]:,} -> {r.params[1]:,} ({r.params[1] / r.params[0]:.1%}); "
                   f"MACs/inference {r.macs[0]:,} -> {r.macs[1]:,} ({r.macs[1] / r.macs[0]:.1%})")
     for g, (k, n) in r.kept.items():
@@ -82,7 +85,7 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
 
     if not onnx:
         raise SnnCompressError("choose an export format: --onnx")
-    r = export_onnx(ckpt, out)
+    r = export_onnx(ckpt, out, trust_factory=_state["trust_factory"])
     console.print(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
                   f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes; wrote {r.path}")
 
@@ -113,7 +116,7 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
     settings = BenchSettings(repeats=repeats)
     if threads:
         settings.threads = threads
-    _print_bench(bench(dense, slim, out, baseline=baseline, settings=settings), out)
+    _print_bench(bench(dense, slim, out, baseline=baseline, settings=settings, trust_factory=_state["trust_factory"]), out)
 
 
 @app.command("run")
@@ -149,12 +152,12 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
             console.print(f"{k}: {v}", highlight=False)
         return
     from .artifacts import load_checkpoint
+    from .checkpoint import describe_spec
 
     ck = load_checkpoint(path)
     kept = {g: f"{int(m.sum())}/{m.numel()}" for g, m in ck["masks"].items()}
-    console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {ck['model']['name']} "
-                  f"{ck['model']['kwargs'].get('layers')}\nepoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\n"
-                  f"kept channels: {kept}", highlight=False)
+    console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {describe_spec(ck['model'])}\n"
+                  f"epoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\nkept channels: {kept}", highlight=False)
 
 
 def main() -> None:

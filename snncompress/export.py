@@ -88,16 +88,17 @@ def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     return proto
 
 
-def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> ExportResult:
+def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                trust_factory: bool = False) -> ExportResult:
     """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
 
     onnxruntime must give the same predictions as PyTorch and max |Δlogit| ≤ 1e-4, else
-    :class:`VerificationError` and nothing is written.
+    :class:`VerificationError` and nothing is written. ``trust_factory``: see :func:`snncompress.load_model`.
     """
     ckpt_path = Path(ckpt_path)
     out_path = Path(out_path) if out_path else ckpt_path.with_suffix(".onnx")
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, str(ckpt_path))
+    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
     meta = ckpt["data"]
     wrapper = UnrolledSNN(model, meta["T"], meta["encoding"]).eval()
     recipe = recipe_of(ckpt)

@@ -9,6 +9,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from .errors import RecipeError
+from .models import check_factory_string, list_models
 
 
 def _fraction(v: float) -> float:
@@ -78,14 +79,48 @@ class NeuronCfg(_Strict):
 
 
 class ModelCfg(_Strict):
-    name: Literal["vgg"] = "vgg"
-    # Conv widths; "M" is a 2x2 max-pool.
-    layers: list[Annotated[int | str, PlainValidator(_layer_entry)]] = Field(default_factory=lambda: [64, 128, "M", 256, "M", 256])
+    """A registered model (``name``) or a user factory (``factory``); exactly one of them."""
+
+    name: str | None = None  # registered model (`snncompress info` lists them); vgg if no factory is given
+    factory: str | None = None  # "package.module:function" returning a spikingjelly nn.Module
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory only: its keyword arguments
+    # vgg only: conv widths; "M" is a 2x2 max-pool.
+    layers: list[Annotated[int | str, PlainValidator(_layer_entry)]] | None = None
+    width: Positive = 1.0  # registered models: every channel count is scaled by it
     neuron: NeuronCfg = NeuronCfg()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_vgg(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None and data.get("factory") is None:
+            data = {**data, "name": "vgg"}
+        if isinstance(data, dict) and data.get("name") == "vgg" and data.get("layers") is None:
+            data = {**data, "layers": [64, 128, "M", 256, "M", 256]}
+        return data
+
     @model_validator(mode="after")
-    def _has_conv(self) -> "ModelCfg":
-        if not any(isinstance(v, int) for v in self.layers):
+    def _one_model(self) -> "ModelCfg":
+        if self.factory is not None:
+            if self.name is not None:
+                raise ValueError("factory: give either name (a registered model) or factory, not both")
+            try:
+                check_factory_string(self.factory)
+            except ValueError as e:
+                raise ValueError(f"factory: {e}") from None
+            # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
+            for key, default in (("layers", None), ("width", 1.0), ("neuron", NeuronCfg())):
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key}: only for registered models; pass a factory's arguments in kwargs")
+            if set(self.kwargs) & {"in_channels", "num_classes"}:
+                raise ValueError("kwargs: in_channels and num_classes come from the data; remove them")
+            return self
+        if self.name not in list_models():
+            raise ValueError(f"name: unknown model {self.name!r}; registered: {', '.join(list_models())}")
+        if self.kwargs:
+            raise ValueError("kwargs: only for a factory; registered models take layers (vgg), width and neuron")
+        if self.name != "vgg" and self.layers is not None:
+            raise ValueError(f"layers: only for vgg (model.name is {self.name}); scale other models with width")
+        if self.name == "vgg" and not any(isinstance(v, int) for v in self.layers):
             raise ValueError("layers: needs at least one conv width (an int)")
         return self
 

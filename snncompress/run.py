@@ -11,6 +11,7 @@ from .artifacts import write_json
 from .benchmark import bench
 from .errors import SnnCompressError
 from .export import export_onnx
+from .models import trust_factory
 from .recipe import Recipe
 from .slimming import slim_checkpoint
 from .training import train
@@ -37,6 +38,8 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
     out = Path(out_dir)
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
+    if recipe.model.factory:  # the user's own recipe names it: trusted for every stage, resumed ones too
+        trust_factory(recipe.model.factory)
     status_path = out / "run.json"
     recipe_json = recipe.model_dump(mode="json")
     status = {"format": RUN_FORMAT, "recipe": recipe_json, "stages": {}}

@@ -43,19 +43,20 @@ def count_macs(model: nn.Module, x_seq: torch.Tensor) -> int:
     return fc.get_total_flops() // 2
 
 
-def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> SlimResult:
+def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                    trust_factory: bool = False) -> SlimResult:
     """Slim a training checkpoint into ``out_path`` (default: ``slim.pt`` beside it).
 
     The slim model is compared with the masked model on the whole test set: identical predictions and
     max |Δlogit| ≤ 1e-4, else :class:`VerificationError` naming the first differing layer and nothing
-    is written.
+    is written. ``trust_factory``: see :func:`snncompress.load_model`.
     """
     ckpt_path = Path(ckpt_path)
     out_path = Path(out_path) if out_path else ckpt_path.with_name("slim.pt")
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["format"] != CKPT_FORMAT:
         raise SnnCompressError(f"{ckpt_path}: already slim (format {ckpt['format']}); slim takes a training checkpoint")
-    masked = model_from_checkpoint(ckpt, str(ckpt_path))
+    masked = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
     x_ex = example_input(ckpt)
     masks = {g: torch.as_tensor(m, dtype=torch.bool) for g, m in ckpt["masks"].items()}
     slim_net = slim_model(masked, masks, x_ex)

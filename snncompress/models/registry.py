@@ -25,3 +25,19 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     return _MODELS[name](**kwargs)
+
+
+# User factories ("pkg.module:function") whose code may be imported in this process. Importing runs
+# code, so a factory named by a checkpoint (a file people pass around) is only built once the user
+# has vouched for it: by naming it in their own recipe (train/run add it here) or by passing
+# --trust-factory / trust_factory=True.
+_TRUSTED_FACTORIES: set[str] = set()
+
+
+def trust_factory(factory: str) -> None:
+    """Allow ``factory`` to be imported and called for the rest of this process."""
+    _TRUSTED_FACTORIES.add(factory)
+
+
+def is_trusted_factory(factory: str) -> bool:
+    return factory in _TRUSTED_FACTORIES

@@ -12,6 +12,13 @@ from spikingjelly.activation_based import functional, layer
 from .neuron import make_neuron
 from .registry import register_model
 
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def scaled(channels: int, width: float) -> int:
+    """A channel count times the width multiplier (at least 1)."""
+    return max(1, round(channels * width))
+
 
 def conv_block(in_ch: int, out_ch: int, neuron_kwargs: dict) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
@@ -24,7 +31,8 @@ def conv_block(in_ch: int, out_ch: int, neuron_kwargs: dict) -> nn.Sequential:
 class SpikingVGG(nn.Module):
     """Input ``[T, B, C, H, W]``; output logits ``[B, classes]`` (the readout averaged over T)."""
 
-    def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None):
+    def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None,
+                 width: float = 1.0):
         super().__init__()
         blocks, c, n_conv, n_pool = OrderedDict(), in_channels, 0, 0
         for v in layers:
@@ -33,8 +41,8 @@ class SpikingVGG(nn.Module):
                 blocks[f"pool{n_pool}"] = layer.MaxPool2d(2, 2)
             else:
                 n_conv += 1
-                blocks[f"conv{n_conv}"] = conv_block(c, int(v), neuron or {})
-                c = int(v)
+                blocks[f"conv{n_conv}"] = conv_block(c, scaled(int(v), width), neuron or {})
+                c = scaled(int(v), width)
         self.features = nn.Sequential(blocks)
         # global average pooling keeps the readout independent of input size and channel count
         self.pool = layer.AdaptiveAvgPool2d((1, 1))
@@ -50,6 +58,12 @@ class SpikingVGG(nn.Module):
 
 @register_model("vgg")
 def vgg(in_channels: int, num_classes: int, layers: Sequence[int | str] = (64, 128, "M", 256, "M", 256),
-        neuron: dict | None = None) -> SpikingVGG:
-    """Spiking VGG with configurable widths (``"M"`` = 2x2 max-pool)."""
-    return SpikingVGG(in_channels, num_classes, layers, neuron)
+        neuron: dict | None = None, width: float = 1.0) -> SpikingVGG:
+    """Spiking VGG with configurable widths (``"M"`` = 2x2 max-pool), each scaled by ``width``."""
+    return SpikingVGG(in_channels, num_classes, layers, neuron, width)
+
+
+@register_model("vgg16")
+def vgg16(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingVGG:
+    """VGG-16's 13 convs (five 2x2 max-pools: inputs need H, W >= 32)."""
+    return SpikingVGG(in_channels, num_classes, VGG16, neuron, width)

@@ -186,8 +186,11 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
 
     Each group lists its member convs (whose output channels are coupled, e.g. by a residual add),
     the BatchNorms on those channels, and the gates that enforce the group's mask (if attached).
+    On a gated model, a group whose channels reach no gate (e.g. a conv + BN feeding the readout
+    with no spiking neuron in between) cannot be masked, so it is left out: it stays dense.
     """
     check_supported(model)
+    gated = bool(gate_modules(model))
     traced = copy.deepcopy(model)
     names = {m: n for n, m in traced.named_modules()}
     order = list(names.values())
@@ -211,6 +214,8 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
         for v in members.values():
             v.sort(key=order.index)
         seen.update(members["convs"])
+        if gated and not members["gates"]:
+            continue
         groups.append(ChannelGroup(name=members["convs"][0], size=module.out_channels, **members))
     return groups
 

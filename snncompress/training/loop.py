@@ -88,7 +88,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     spec = model_spec(recipe, data.input_shape[0], len(data.classes))
     T, enc = recipe.data.T, recipe.data.encoding
     example = encode(data.x_train[:2], T, enc)
-    model = build_model(spec, example)
+    model = build_model(spec, example, len(data.classes))
     groups = channel_groups(model, example)
     device = resolve_device(recipe.train.device)
     model.to(device)
