@@ -91,3 +91,9 @@ def test_cli_missing_recipe(tmp_path):
     res = cli("run", tmp_path / "nope.yaml", "--out", tmp_path / "out")
     assert res.returncode == 2 and "no such recipe file" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")))
+def test_shipped_recipes_are_valid(path):
+    r = load_recipe(path)
+    assert r.prune is not None and r.name == path.stem
