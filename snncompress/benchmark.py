@@ -26,6 +26,7 @@ from .checkpoint import model_from_checkpoint, recipe_of
 from .data import encode, eval_batches, load_dataset, to_steps
 from .errors import SnnCompressError
 from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
+from .plots import write_plots
 from .slimming import count_macs, count_params
 from .training import evaluate
 
@@ -44,15 +45,21 @@ class BenchSettings:
 
 @torch.no_grad()
 def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_size: int = 128) -> dict:
-    """SOPs and analog MACs per inference (op_counter) and the mean firing rate, over images ``x``."""
+    """SOPs and analog MACs per inference (op_counter) and firing rates, over samples ``x``.
+
+    Also per layer: SOPs of every conv/linear layer and the firing rate of every spiking neuron.
+    """
     synops, macs = SynOpCounter(), MACCounter(extra_ignore_modules=[nn.BatchNorm2d])  # BN folds at deployment
-    fired, seen = [0.0], [0]
+    fired: dict[str, float] = {}
+    seen: dict[str, int] = {}
 
-    def hook(module, args, out):
-        fired[0] += float(out.sum())
-        seen[0] += out.numel()
+    def hook(name):
+        def fn(module, args, out):
+            fired[name] = fired.get(name, 0.0) + float(out.sum())
+            seen[name] = seen.get(name, 0) + out.numel()
+        return fn
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, BaseNode)]
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, BaseNode)]
     model.eval()
     try:
         for inp in eval_batches(x, T, encoding, batch_size):
@@ -64,8 +71,14 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
             h.remove()
     n = len(x)
     sops, analog = synops.get_total() / n, macs.get_total() / n
-    return {"sops": sops, "macs_analog": analog, "firing_rate": fired[0] / max(1, seen[0]),
-            "energy_uj": (analog * PJ_PER_MAC + sops * PJ_PER_AC) * 1e-6}
+    # op_counter scopes are "<RootClass>.<module name>"
+    root = type(model).__name__ + "."
+    counts = {k.removeprefix(root): sum(v.values()) for k, v in synops.get_counts().items()}
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return {"sops": sops, "macs_analog": analog, "firing_rate": sum(fired.values()) / max(1, sum(seen.values())),
+            "energy_uj": (analog * PJ_PER_MAC + sops * PJ_PER_AC) * 1e-6,
+            "per_layer": {"sops": {name: counts.get(name, 0) / n for name in layers},
+                          "firing_rate": {name: fired[name] / max(1, seen[name]) for name in fired}}}
 
 
 def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings) -> dict[str, dict[str, float]]:
@@ -78,15 +91,20 @@ def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings) -> dict[str
     out = {}
     for b in BATCHES:
         xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))  # real test images, repeated if needed
-        for _ in range(settings.warmup):
-            sess.run(None, {name: xb})
-        times = []
-        for _ in range(settings.repeats):
-            t0 = time.perf_counter()
-            sess.run(None, {name: xb})
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[str(b)] = {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
+        out[str(b)] = time_call(lambda: sess.run(None, {name: xb}), settings.warmup, settings.repeats)
     return out
+
+
+def time_call(fn, warmup: int, repeats: int) -> dict[str, float]:
+    """Median/min/max milliseconds of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
 
 
 def _onnx_for(ckpt_path: Path, onnx_path: Path, trust_factory: bool = False) -> Path:
@@ -121,6 +139,7 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
         "accuracy_onnx": float((torch.from_numpy(onnx_logits).argmax(1) == data.y_test).float().mean()),
         "kept_channels": kept,
         "kept_per_group": {g: int(torch.as_tensor(m).sum()) for g, m in masks.items()},
+        "group_sizes": {g: len(m) for g, m in masks.items()},
         "latency_ms": onnx_latency(onnx_path, next(eval_batches(data.x_test, T, enc, batch_size=max(BATCHES))).numpy(),
                                    settings),
     }
@@ -159,6 +178,7 @@ def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.P
         "models": models,
         "speedup": speedup,
     }
+    report["plots"] = write_plots(report, out_dir)
     write_json(report, out_dir / "bench.json")
     write_text(render_markdown(report), out_dir / "report.md")
     return report
@@ -195,6 +215,7 @@ def render_markdown(report: dict) -> str:
         f"Machine: {m['processor']}, {m['cpu_count']} cores, {m['platform']}; torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']} ({s['execution_provider']}, {s['graph_optimization']}), "
         f"{s['threads']} intra-op threads, {s['warmup']} warm-up + {s['repeats']} timed runs per batch size.",
+        *(f"![{name}]({file})" for name, file in report.get("plots", {}).items()), "",
         f"Energy estimate: {s['pj_per_mac']} pJ per MAC on non-spike inputs + {s['pj_per_ac']} pJ per SOP "
         "(45 nm, Horowitz ISSCC 2014). SOPs and MACs are per inference over all T steps, averaged over the test set "
         "(spikingjelly op_counter). `dense` is the trained model with its masks applied but all channels present; "

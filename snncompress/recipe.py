@@ -182,6 +182,7 @@ class PruneCfg(_Strict):
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
     update_every: PositiveInt = 1  # epochs between mask updates
     min_channels: PositiveInt = 2  # never fewer channels in a group
+    round_to: PositiveInt = 1  # round each group's kept channels up to a multiple (8 or 16 suit SIMD units)
     budget: Literal["global", "pq"] = "global"  # one global ranking, or per-group budgets from the PQ index
     l1_gamma: NonNegative = 1e-4  # criticality: weight of the L1 penalty on BN gamma in the loss
     pq_p: Positive = 0.5  # budget pq: PQ index norms, 0 < pq_p < pq_q (Diao et al.: 0.5, 1)

@@ -14,7 +14,8 @@ from .conftest import TINY, cli, write_recipe
 
 def test_run_writes_every_artifact(run_dir):
     for f in ["train/ckpt.pt", "train/best.pt", "train/metrics.jsonl", "baseline/ckpt.pt", "slim.pt",
-              "model.onnx", "dense.onnx", "baseline.onnx", "bench.json", "report.md"]:
+              "model.onnx", "dense.onnx", "baseline.onnx", "bench.json", "report.md",
+              "channels.png", "sops.png", "firing.png", "latency.png"]:
         assert (run_dir / f).is_file(), f
     assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporaries
     rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -38,6 +39,11 @@ def test_bench_json_schema(run_dir):
     assert report["models"]["baseline"]["kept_channels"] == 1.0
     assert set(report["speedup"]) == {"1", "32"} and report["settings"]["threads"] >= 1
     assert "Speedup" in (run_dir / "report.md").read_text()
+    assert "![Latency](latency.png)" in (run_dir / "report.md").read_text()
+    assert (run_dir / "sops.png").read_bytes()[:4] == b"\x89PNG"
+    per_layer = report["models"]["slim"]["per_layer"]
+    assert abs(sum(per_layer["sops"].values()) - report["models"]["slim"]["sops"]) < 1e-6 * max(1, s["sops"])
+    assert set(per_layer["firing_rate"]) == {"features.conv1.spike", "features.conv2.spike", "features.conv3.spike"}
 
 
 def test_checkpoint_round_trip_weights_only(run_dir):
@@ -96,3 +102,13 @@ def test_dense_training_and_export(tmp_path):
 def test_info_lists_models_and_versions():
     res = cli("info")
     assert res.returncode == 0 and "vgg" in res.stdout and "spikingjelly 2." in res.stdout
+
+
+def test_export_with_folded_batchnorm(run_dir, tmp_path):
+    res = cli("export", run_dir / "slim.pt", "--onnx", "--fold-bn", "-o", tmp_path / "f.onnx")
+    assert res.returncode == 0, res.stderr
+    assert "BatchNorm folded" in res.stdout and "predictions unchanged" in res.stdout
+    ops = {n.op_type for n in onnx.load(tmp_path / "f.onnx").graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(run_dir / "model.onnx").graph.node}
+    assert read_onnx_metadata(tmp_path / "f.onnx")["bn_folded"] == "True"

@@ -47,3 +47,15 @@ def test_cubic_ramp_schedule():
     assert keep_fraction_at(cfg, 9) == pytest.approx(0.2)
     updates = [e for e in range(10) if is_update_epoch(cfg, 10, e)]
     assert updates == [2, 3, 4, 5, 6, 7]  # none in warm-up, none in the last 2 (frozen fine-tune)
+
+
+def test_round_masks_fills_up_to_the_multiple_with_best_scores():
+    from snncompress.prune.select import round_masks
+
+    masks = {"a": torch.tensor([True, False, False, False, True, False]), "b": torch.tensor([True] * 3 + [False] * 2)}
+    scores = {"a": torch.tensor([9.0, 1.0, 5.0, 3.0, 8.0, 4.0]), "b": torch.zeros(5)}
+    out = round_masks(masks, scores, 4)
+    # a: 2 kept -> 4: add the best closed ones (5.0 at idx 2, 4.0 at idx 5); b: 3 -> 4 (size 5), lowest index on ties
+    assert out["a"].tolist() == [True, False, True, False, True, True]
+    assert out["b"].tolist() == [True, True, True, True, False]
+    assert round_masks({"c": torch.ones(3, dtype=torch.bool)}, {"c": torch.zeros(3)}, 8)["c"].sum() == 3  # capped

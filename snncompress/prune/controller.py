@@ -10,7 +10,7 @@ from .baselines import BNScorer, L1Scorer, RandomScorer
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, set_masks
 from .sca import ActivityScorer
-from .select import is_update_epoch, keep_fraction_at, pq_budgets, select_masks, select_masks_budgeted
+from .select import is_update_epoch, keep_fraction_at, pq_budgets, round_masks, select_masks, select_masks_budgeted
 
 SCORERS = {"sca": ActivityScorer, "random": RandomScorer, "l1": L1Scorer, "bn": BNScorer,
            "criticality": CriticalityScorer}
@@ -77,6 +77,8 @@ class DynamicPruner:
             new = select_masks_budgeted(scores, grow, budgets, c.regrow / c.keep, c.min_channels)
         else:
             new = select_masks(scores, grow, keep, self.cfg.regrow * keep / self.cfg.keep, self.cfg.min_channels)
+        if self.cfg.round_to > 1:
+            new = round_masks(new, scores, self.cfg.round_to)
         set_masks(self.model, self.groups, new)
         self._freeze_closed(new)
         self.scorer.reset()

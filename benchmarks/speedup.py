@@ -1,0 +1,165 @@
+"""Slim vs dense-shaped latency in onnxruntime, against the ideal (MAC ratio) and this machine's GEMM.
+
+For each model and keep fraction, random channel masks (seeded) are applied to an untrained
+spiking model (latency does not depend on the weights' values), the dense-shaped gated model and
+its slim version are exported to ONNX the same way `snncompress export` does, and both are timed
+in onnxruntime; PyTorch eager is timed too.
+
+    ideal      = dense MACs / slim MACs
+    achieved   = dense latency / slim latency                    (medians)
+    efficiency = (slim MACs per batch / slim latency) / (fp32 GEMM MACs per second)
+
+The GEMM reference is a 2048x2048 fp32 MatMul run by onnxruntime with the same thread count.
+
+    python benchmarks/speedup.py --quick --out results.json    # VGG, keep 0.25, batch 32, all cores
+    python benchmarks/speedup.py --out results.json            # the full grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from spikingjelly.activation_based import functional
+
+import snncompress as sc
+from snncompress.benchmark import time_call
+from snncompress.export import UnrolledSNN, _to_onnx, fold_batchnorm, ort_session
+from snncompress.prune.gates import attach_gates, set_masks
+from snncompress.slimming import count_macs
+
+MODELS = {  # CPU-sized: VGG-16 at half width, ResNet-19 at quarter width; CIFAR-shaped input, T = 4
+    "vgg16": {"name": "vgg16", "width": 0.5},
+    "resnet19": {"name": "resnet19", "width": 0.25},
+}
+T, SHAPE = 4, (3, 32, 32)
+
+
+def gemm_macs_per_s(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """fp32 MatMul throughput of onnxruntime on this machine (MACs per second)."""
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    sess = ort_session(proto.SerializeToString(), threads)
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ms = time_call(lambda: sess.run(None, {"a": a, "b": a}), 2, repeats)["median"]
+    return n ** 3 / (ms / 1e3)
+
+
+def build_pair(model_name: str, keep: float, round_to: int, seed: int = 0):
+    """(dense-shaped gated model, slim model) with random masks keeping ``keep`` of every group."""
+    torch.manual_seed(seed)
+    spec = MODELS[model_name]
+    model = sc.create_model(spec["name"], in_channels=SHAPE[0], num_classes=10, width=spec["width"])
+    example = torch.zeros(T, 2, *SHAPE)
+    attach_gates(model, example)
+    model.eval()
+    groups = sc.channel_groups(model, example)
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for g in groups:
+        k = max(1, round(keep * g.size))
+        if round_to > 1:
+            k = min(g.size, -(-k // round_to) * round_to)
+        m = torch.zeros(g.size, dtype=torch.bool)
+        m[torch.randperm(g.size, generator=gen)[:k]] = True
+        masks[g.name] = m
+    set_masks(model, groups, masks)
+    return model, sc.slim(model, masks, example)
+
+
+def measure(model_name: str, keep: float, batches: list[int], threads_list: list[int], repeats: int,
+            round_to: int, gemm: dict[int, float], fold_bn: bool = False) -> list[dict]:
+    dense, slim = build_pair(model_name, keep, round_to)
+    if fold_bn:
+        for m in (dense, slim):
+            fold_batchnorm(m, torch.zeros(T, 2, *SHAPE))
+    x1 = torch.randn(1, *SHAPE)
+    macs = {"dense": count_macs(dense, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1)),
+            "slim": count_macs(slim, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1))}
+    protos = {k: _to_onnx(UnrolledSNN(m, T).eval(), torch.randn(2, *SHAPE)) for k, m in (("dense", dense), ("slim", slim))}
+    rows = []
+    for threads in threads_list:
+        sessions = {k: ort_session(p.SerializeToString(), threads) for k, p in protos.items()}
+        torch.set_num_threads(threads)
+        for b in batches:
+            x = np.random.default_rng(1).standard_normal((b, *SHAPE), dtype=np.float32)
+            ort_ms = {k: time_call(lambda s=s: s.run(None, {s.get_inputs()[0].name: x}), 3, repeats) for k, s in sessions.items()}
+            eager_ms = {}
+            for k, m in (("dense", dense), ("slim", slim)):
+                net = UnrolledSNN(m, T).eval()
+                xt = torch.from_numpy(x)
+
+                def call(net=net):
+                    with torch.no_grad():
+                        net(xt)
+                    functional.reset_net(net.net)
+                eager_ms[k] = time_call(call, 2, max(5, repeats // 2))
+            slim_s = ort_ms["slim"]["median"] / 1e3
+            rows.append({
+                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "batch": b, "threads": threads,
+                "dense_macs": macs["dense"], "slim_macs": macs["slim"],
+                "ideal": macs["dense"] / macs["slim"],
+                "achieved": ort_ms["dense"]["median"] / ort_ms["slim"]["median"],
+                "efficiency": macs["slim"] * b / slim_s / gemm[threads],
+                "dense_efficiency": macs["dense"] * b / (ort_ms["dense"]["median"] / 1e3) / gemm[threads],
+                "ort_ms": ort_ms, "eager_ms": eager_ms,
+                "ort_vs_eager": {k: eager_ms[k]["median"] / ort_ms[k]["median"] for k in ort_ms},
+            })
+            r = rows[-1]
+            print(f"{model_name:9s} keep {keep:<4} batch {b:>2} threads {threads}: ideal {r['ideal']:.2f}x "
+                  f"achieved {r['achieved']:.2f}x ({r['achieved'] / r['ideal']:.2f} of ideal), efficiency "
+                  f"{r['efficiency']:.2f} (dense {r['dense_efficiency']:.2f}); ORT vs eager "
+                  f"{r['ort_vs_eager']['slim']:.1f}x", flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['processor']}, {m['cpu_count']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
+             f"fp32 GEMM (onnxruntime MatMul 2048²): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GMAC/s" for t, v in result["gemm_macs_per_s"].items())
+             + f"; {result['repeats']} timed runs (median).", "",
+             "| model | keep | round to | BN folded | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
+                     f"{r['achieved'] / r['ideal']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['ort_vs_eager']['slim']:.1f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="VGG only, keep 0.25, batch 32, all cores")
+    ap.add_argument("--out", type=Path, default=Path("speedup.json"))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--round-to", type=int, default=1, help="round kept channels up to a multiple of this")
+    ap.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convs before export")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    if args.quick:
+        models, keeps, batches, threads = ["vgg16"], [0.25], [32], [cores]
+    else:
+        models, keeps, batches, threads = list(MODELS), [0.75, 0.5, 0.25, 0.1], [1, 32], sorted({1, cores})
+    gemm = {t: gemm_macs_per_s(t) for t in threads}
+    rows = [r for name in models for keep in keeps
+            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn)]
+    result = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": cores,
+                          "platform": platform.platform(), "torch": torch.__version__,
+                          "onnxruntime": __import__("onnxruntime").__version__},
+              "repeats": args.repeats, "gemm_macs_per_s": {str(t): v for t, v in gemm.items()}, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
