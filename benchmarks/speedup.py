@@ -18,6 +18,7 @@ The GEMM reference is a 2048x2048 fp32 MatMul run by onnxruntime with the same t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ from spikingjelly.activation_based import functional
 
 import snncompress as sc
 from snncompress.benchmark import time_call
-from snncompress.export import UnrolledSNN, _to_onnx, fold_batchnorm, ort_session
+from snncompress.export import UnrolledSNN, _to_onnx, fold_batchnorm, lean_neurons, ort_session
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.slimming import count_macs
 
@@ -78,7 +79,7 @@ def build_pair(model_name: str, keep: float, round_to: int, seed: int = 0):
 
 
 def measure(model_name: str, keep: float, batches: list[int], threads_list: list[int], repeats: int,
-            round_to: int, gemm: dict[int, float], fold_bn: bool = False) -> list[dict]:
+            round_to: int, gemm: dict[int, float], fold_bn: bool = False, lean: bool = True) -> list[dict]:
     dense, slim = build_pair(model_name, keep, round_to)
     if fold_bn:
         for m in (dense, slim):
@@ -86,7 +87,12 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
     x1 = torch.randn(1, *SHAPE)
     macs = {"dense": count_macs(dense, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1)),
             "slim": count_macs(slim, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1))}
-    protos = {k: _to_onnx(UnrolledSNN(m, T).eval(), torch.randn(2, *SHAPE)) for k, m in (("dense", dense), ("slim", slim))}
+    protos = {}
+    for k, m in (("dense", dense), ("slim", slim)):
+        exported = copy.deepcopy(UnrolledSNN(m, T).eval())
+        if lean:
+            lean_neurons(exported)
+        protos[k] = _to_onnx(exported, torch.randn(2, *SHAPE))
     rows = []
     for threads in threads_list:
         sessions = {k: ort_session(p.SerializeToString(), threads) for k, p in protos.items()}
@@ -106,7 +112,7 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
                 eager_ms[k] = time_call(call, 2, max(5, repeats // 2))
             slim_s = ort_ms["slim"]["median"] / 1e3
             rows.append({
-                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "batch": b, "threads": threads,
+                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean, "batch": b, "threads": threads,
                 "dense_macs": macs["dense"], "slim_macs": macs["slim"],
                 "ideal": macs["dense"] / macs["slim"],
                 "achieved": ort_ms["dense"]["median"] / ort_ms["slim"]["median"],
@@ -128,10 +134,10 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {m['processor']}, {m['cpu_count']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
              f"fp32 GEMM (onnxruntime MatMul 2048²): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GMAC/s" for t, v in result["gemm_macs_per_s"].items())
              + f"; {result['repeats']} timed runs (median).", "",
-             "| model | keep | round to | BN folded | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | keep | round to | BN folded | lean neurons | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
+        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
                      f"{r['achieved'] / r['ideal']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['ort_vs_eager']['slim']:.1f}× |")
     return "\n".join(lines) + "\n"
 
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--round-to", type=int, default=1, help="round kept channels up to a multiple of this")
     ap.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convs before export")
+    ap.add_argument("--sj-neurons", action="store_true", help="export spikingjelly's neuron ops, not the lean form")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     if args.quick:
@@ -151,7 +158,7 @@ def main() -> None:
         models, keeps, batches, threads = list(MODELS), [0.75, 0.5, 0.25, 0.1], [1, 32], sorted({1, cores})
     gemm = {t: gemm_macs_per_s(t) for t in threads}
     rows = [r for name in models for keep in keeps
-            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn)]
+            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn, not args.sj_neurons)]
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": cores,
                           "platform": platform.platform(), "torch": torch.__version__,
                           "onnxruntime": __import__("onnxruntime").__version__},

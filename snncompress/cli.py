@@ -80,14 +80,16 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
                onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the only format for now)"),
                out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default CKPT with .onnx)"),
                fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the convs (faster; may flip "
-                                                                     "spikes at the threshold: agreement is reported)")) -> None:
+                                                                     "spikes at the threshold: agreement is reported)"),
+               sj_neurons: bool = typer.Option(False, "--sj-neurons", help="Export spikingjelly's own neuron ops "
+                                                                           "instead of the leaner, equivalent form")) -> None:
     """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime."""
     from .errors import SnnCompressError
     from .export import export_onnx
 
     if not onnx:
         raise SnnCompressError("choose an export format: --onnx")
-    r = export_onnx(ckpt, out, fold_bn=fold_bn, trust_factory=_state["trust_factory"])
+    r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, trust_factory=_state["trust_factory"])
     if r.fold_agreement is not None:
         console.print(f"BatchNorm folded: {r.fold_agreement:.2%} of test predictions unchanged by the fold")
     console.print(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "

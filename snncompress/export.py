@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -16,7 +17,8 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based import functional
+from spikingjelly.activation_based import functional, neuron
+from spikingjelly.activation_based.neuron import BaseNode
 
 from . import __version__
 from .artifacts import atomic_path, load_checkpoint, sha256
@@ -51,6 +53,57 @@ class ExportResult:
     max_abs_diff: float  # onnxruntime vs the exported PyTorch model
     nodes: int
     fold_agreement: float | None = None  # with fold_bn: share of test predictions unchanged by the fold
+
+
+class LeanNeuron(nn.Module):
+    """An IF/LIF neuron unrolled over T with as few ONNX ops as spikingjelly's arithmetic allows.
+
+    Per step: charge (3 ops), compare, and a ``Where`` for the reset; the spikes of all T steps are
+    cast to float once. It performs the same float operations in the same order as spikingjelly's
+    CPU kernel, so spikes are bitwise identical (a reset to 0 can differ only in the sign of zero,
+    which no later comparison sees); the export verifies this against the original model. A gate
+    attached to the neuron (dense-shaped models) is applied first.
+    """
+
+    def __init__(self, node: BaseNode):
+        super().__init__()
+        self.lif = isinstance(node, neuron.LIFNode)
+        self.tau = float(node.tau) if self.lif else 1.0
+        self.decay_input = bool(getattr(node, "decay_input", True))
+        self.v_threshold, self.v_reset = float(node.v_threshold), node.v_reset
+        self.gate = node.gate if hasattr(node, "gate") else None
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            x_seq = self.gate(x_seq)
+        r = 0.0 if self.v_reset is None else float(self.v_reset)
+        v, spikes = None, []
+        for x in x_seq.unbind(0):
+            if v is None and r == 0.0:  # v starts at the rest potential 0: v + (x - v)/tau == x/tau
+                h = x / self.tau if self.lif and self.decay_input else x
+            else:
+                v = torch.full_like(x, r) if v is None else v
+                if not self.lif:
+                    h = v + x
+                elif self.decay_input:
+                    h = v + (x - (v if r == 0.0 else v - r)) / self.tau
+                else:
+                    h = v - (v if r == 0.0 else v - r) / self.tau + x
+            s = h >= self.v_threshold
+            if self.v_reset is None:
+                v = torch.where(s, h - self.v_threshold, h)
+            else:
+                v = torch.where(s, torch.full_like(h, r), h)
+            spikes.append(s)
+        return torch.stack(spikes).to(x_seq.dtype)
+
+
+def lean_neurons(model: nn.Module) -> int:
+    """Replace every plain IF/LIF neuron by a :class:`LeanNeuron` (in place); returns how many."""
+    nodes = [(n, m) for n, m in model.named_modules() if type(m) in (neuron.IFNode, neuron.LIFNode)]
+    for name, node in nodes:
+        _set_module(model, name, LeanNeuron(node))
+    return len(nodes)
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
@@ -126,12 +179,14 @@ def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
 
 
 def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, fold_bn: bool = False,
-                trust_factory: bool = False) -> ExportResult:
+                lean: bool = True, trust_factory: bool = False) -> ExportResult:
     """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
 
     onnxruntime must give the same predictions as PyTorch and max |Δlogit| ≤ 1e-4, else
     :class:`VerificationError` and nothing is written. ``fold_bn`` folds BatchNorms into their convs
     first (fewer, cheaper ops; the result reports how many test predictions the fold left unchanged).
+    ``lean`` exports IF/LIF neurons as :class:`LeanNeuron` (about half the ONNX ops per step, same
+    spikes); the verification always compares with the original spikingjelly model.
     ``trust_factory``: see :func:`snncompress.load_model`.
     """
     ckpt_path = Path(ckpt_path)
@@ -151,8 +206,11 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
         after = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
         fold_agreement = float((before == after).float().mean())
     wrapper = UnrolledSNN(model, T, enc).eval()
+    exported = copy.deepcopy(wrapper)
+    if lean:
+        lean_neurons(exported)
     try:
-        proto = _to_onnx(wrapper, graph_input(data.x_test[:2], meta["T"], meta["encoding"]))
+        proto = _to_onnx(exported, graph_input(data.x_test[:2], T, enc))
     except Exception as e:  # the exporter raises many types; report it on one line
         raise SnnCompressError(f"{ckpt_path}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     direct = meta["encoding"] == "direct"
@@ -163,7 +221,8 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
              "input_shape": json.dumps(["batch", *([] if direct else [meta["T"]]), *meta["input_shape"]]),
              "normalisation": json.dumps({"mean": meta["mean"], "std": meta["std"], "formula": "(x - mean) / std"}),
              "classes": json.dumps(meta["classes"]), "source_checkpoint": ckpt_path.name,
-             "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": str(fold_bn)}
+             "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": str(fold_bn),
+             "lean_neurons": str(lean)}
     onnx.helper.set_model_props(proto, props)
 
     with torch.no_grad():

@@ -1,0 +1,62 @@
+"""Export-time rewrites: each must leave spikes bitwise identical (or report what changed)."""
+
+import copy
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional, neuron, surrogate
+
+import snncompress as sc
+from snncompress.export import LeanNeuron, UnrolledSNN, _to_onnx, fold_batchnorm, lean_neurons, ort_session
+from snncompress.prune.gates import attach_gates
+
+
+@pytest.mark.parametrize("kw", [dict(tau=2.0), dict(tau=3.0), dict(tau=2.0, v_reset=None),
+                                dict(tau=1.7, decay_input=False), dict(tau=2.0, v_reset=-0.3)])
+def test_lean_lif_spikes_are_bitwise_spikingjellys(kw):
+    torch.manual_seed(0)
+    node = neuron.LIFNode(step_mode="m", surrogate_function=surrogate.ATan(), **kw)
+    x = torch.randn(6, 32, 4, 5, 5) * 2
+    ref = node(x)
+    functional.reset_net(node)
+    got = LeanNeuron(node)(x)
+    assert torch.equal(ref, got) and ref.sum() > 0
+
+
+def test_lean_if_and_gated_neuron():
+    node = neuron.IFNode(step_mode="m")
+    x = torch.randn(4, 8, 3, 2, 2)
+    assert torch.equal(node(x), LeanNeuron(node)(x))
+    functional.reset_net(node)
+    attach_gates(node, x[:, :2])
+    node.gate.set_mask(torch.tensor([True, False, True]))
+    ref = node(x)
+    assert torch.equal(ref, LeanNeuron(node)(x)) and ref[:, :, 1].sum() == 0
+
+
+def test_lean_onnx_has_fewer_nodes_and_the_same_logits():
+    torch.manual_seed(0)
+    model = sc.create_model("vgg", in_channels=1, num_classes=10, layers=[8, "M", 16])
+    attach_gates(model, torch.zeros(4, 2, 1, 8, 8))
+    model.eval()
+    wrapper = UnrolledSNN(model, 4).eval()
+    lean = copy.deepcopy(wrapper)
+    assert lean_neurons(lean) == 2
+    x = torch.randn(5, 1, 8, 8) * 3
+    p_sj, p_lean = _to_onnx(wrapper, x[:2]), _to_onnx(lean, x[:2])
+    assert len(p_lean.graph.node) < 0.8 * len(p_sj.graph.node)
+    with torch.no_grad():
+        ref = wrapper(x).numpy()
+    sess = ort_session(p_lean.SerializeToString())
+    assert (sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] == ref).all()
+
+
+def test_fold_batchnorm_finds_every_conv_bn_pair():
+    torch.manual_seed(0)
+    model = sc.create_model("resnet20", in_channels=3, num_classes=10, width=0.25)
+    example = torch.zeros(2, 2, 3, 16, 16)
+    attach_gates(model, example)
+    model.eval()
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert fold_batchnorm(model, example) == bns > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
