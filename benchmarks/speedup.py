@@ -79,7 +79,8 @@ def build_pair(model_name: str, keep: float, round_to: int, seed: int = 0):
 
 
 def measure(model_name: str, keep: float, batches: list[int], threads_list: list[int], repeats: int,
-            round_to: int, gemm: dict[int, float], fold_bn: bool = False, lean: bool = True) -> list[dict]:
+            round_to: int, gemm: dict[int, float], fold_bn: bool = False, lean: bool = True,
+            ort_level: str = "all") -> list[dict]:
     dense, slim = build_pair(model_name, keep, round_to)
     if fold_bn:
         for m in (dense, slim):
@@ -95,7 +96,7 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
         protos[k] = _to_onnx(exported, torch.randn(2, *SHAPE))
     rows = []
     for threads in threads_list:
-        sessions = {k: ort_session(p.SerializeToString(), threads) for k, p in protos.items()}
+        sessions = {k: ort_session(p.SerializeToString(), threads, ort_level) for k, p in protos.items()}
         torch.set_num_threads(threads)
         for b in batches:
             x = np.random.default_rng(1).standard_normal((b, *SHAPE), dtype=np.float32)
@@ -112,7 +113,7 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
                 eager_ms[k] = time_call(call, 2, max(5, repeats // 2))
             slim_s = ort_ms["slim"]["median"] / 1e3
             rows.append({
-                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean, "batch": b, "threads": threads,
+                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean, "ort_level": ort_level, "batch": b, "threads": threads,
                 "dense_macs": macs["dense"], "slim_macs": macs["slim"],
                 "ideal": macs["dense"] / macs["slim"],
                 "achieved": ort_ms["dense"]["median"] / ort_ms["slim"]["median"],
@@ -133,7 +134,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m['processor']}, {m['cpu_count']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
              f"fp32 GEMM (onnxruntime MatMul 2048²): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GMAC/s" for t, v in result["gemm_macs_per_s"].items())
-             + f"; {result['repeats']} timed runs (median).", "",
+             + f"; {result['repeats']} timed runs (median); onnxruntime graph optimisation: {result['rows'][0]['ort_level']}.", "",
              "| model | keep | round to | BN folded | lean neurons | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1, help="round kept channels up to a multiple of this")
     ap.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convs before export")
     ap.add_argument("--sj-neurons", action="store_true", help="export spikingjelly's neuron ops, not the lean form")
+    ap.add_argument("--ort-level", choices=["disable", "basic", "extended", "all"], default="all",
+                    help="onnxruntime graph-optimisation level")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     if args.quick:
@@ -158,7 +161,7 @@ def main() -> None:
         models, keeps, batches, threads = list(MODELS), [0.75, 0.5, 0.25, 0.1], [1, 32], sorted({1, cores})
     gemm = {t: gemm_macs_per_s(t) for t in threads}
     rows = [r for name in models for keep in keeps
-            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn, not args.sj_neurons)]
+            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn, not args.sj_neurons, args.ort_level)]
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": cores,
                           "platform": platform.platform(), "torch": torch.__version__,
                           "onnxruntime": __import__("onnxruntime").__version__},

@@ -142,9 +142,15 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def ort_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = None) -> ort.InferenceSession:
+ORT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def ort_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = None,
+                level: str = "all") -> ort.InferenceSession:
+    """A CPU onnxruntime session with ``threads`` intra-op threads and a graph-optimisation level."""
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = ORT_LEVELS[level]
     if threads:
         opts.intra_op_num_threads = threads
     src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
