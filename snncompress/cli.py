@@ -82,18 +82,24 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
                fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the convs (faster; may flip "
                                                                      "spikes at the threshold: agreement is reported)"),
                sj_neurons: bool = typer.Option(False, "--sj-neurons", help="Export spikingjelly's own neuron ops "
-                                                                           "instead of the leaner, equivalent form")) -> None:
+                                                                           "instead of the leaner, equivalent form"),
+               int8: bool = typer.Option(False, "--int8", help="Also write OUT.int8.onnx with int8 weights "
+                                                               "(spike inputs stay exact) and report its accuracy")) -> None:
     """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime."""
     from .errors import SnnCompressError
     from .export import export_onnx
 
     if not onnx:
         raise SnnCompressError("choose an export format: --onnx")
-    r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, trust_factory=_state["trust_factory"])
+    r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, int8=int8, trust_factory=_state["trust_factory"])
     if r.fold_agreement is not None:
         console.print(f"BatchNorm folded: {r.fold_agreement:.2%} of test predictions unchanged by the fold")
     console.print(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
                   f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes; wrote {r.path}")
+    if r.int8:
+        q = r.int8
+        console.print(f"int8 weights: accuracy {q['accuracy_fp32']:.2%} -> {q['accuracy_int8']:.2%} "
+                      f"({q['agreement']:.2%} of predictions unchanged); wrote {q['path']}")
 
 
 @app.command("bench")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 import io
 import json
 import logging
@@ -53,6 +54,24 @@ class ExportResult:
     max_abs_diff: float  # onnxruntime vs the exported PyTorch model
     nodes: int
     fold_agreement: float | None = None  # with fold_bn: share of test predictions unchanged by the fold
+    int8: dict | None = None  # with int8: {path, accuracy_fp32, accuracy_int8, agreement}
+
+
+def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:
+    """int8 weights, activations quantised per call (onnxruntime dynamic quantisation).
+
+    A spike tensor ({0, 1}) gets scale 1/255 and zero point 0, so spikes stay exact; the weights
+    (and the analog input of the first layer) are approximated.
+    """
+    import logging as _logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _logging.getLogger().setLevel(_logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
+    with tempfile.TemporaryDirectory() as d, atomic_path(out_path) as tmp:
+        src = Path(d) / "fp32.onnx"
+        onnx.save(proto, str(src))
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
 
 
 class LeanNeuron(nn.Module):
@@ -185,14 +204,15 @@ def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
 
 
 def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, fold_bn: bool = False,
-                lean: bool = True, trust_factory: bool = False) -> ExportResult:
+                lean: bool = True, int8: bool = False, trust_factory: bool = False) -> ExportResult:
     """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
 
     onnxruntime must give the same predictions as PyTorch and max |Δlogit| ≤ 1e-4, else
     :class:`VerificationError` and nothing is written. ``fold_bn`` folds BatchNorms into their convs
     first (fewer, cheaper ops; the result reports how many test predictions the fold left unchanged).
     ``lean`` exports IF/LIF neurons as :class:`LeanNeuron` (about half the ONNX ops per step, same
-    spikes); the verification always compares with the original spikingjelly model.
+    spikes); the verification always compares with the original spikingjelly model. ``int8`` also
+    writes ``<out>.int8.onnx`` (int8 weights, see :func:`quantize_int8`) and reports its accuracy.
     ``trust_factory``: see :func:`snncompress.load_model`.
     """
     ckpt_path = Path(ckpt_path)
@@ -241,7 +261,17 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
                                 f"same predictions: {same}); nothing written")
     with atomic_path(out_path) as tmp:
         onnx.save(proto, str(tmp))
-    return ExportResult(out_path, len(got), diff, len(proto.graph.node), fold_agreement)
+    quantized = None
+    if int8:
+        q_path = out_path.with_suffix(".int8.onnx")
+        onnx.helper.set_model_props(proto, {**props, "int8_weights": "True"})
+        quantize_int8(proto, q_path)
+        q_logits = run_onnx(ort_session(q_path), data.x_test, T, enc)
+        y = data.y_test.numpy()
+        quantized = {"path": str(q_path), "accuracy_fp32": float((got.argmax(1) == y).mean()),
+                     "accuracy_int8": float((q_logits.argmax(1) == y).mean()),
+                     "agreement": float((q_logits.argmax(1) == got.argmax(1)).mean())}
+    return ExportResult(out_path, len(got), diff, len(proto.graph.node), fold_agreement, quantized)
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
