@@ -50,11 +50,15 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)"),
               resume: bool = typer.Option(False, "--resume", help="Continue from OUT/ckpt.pt (same recipe)")) -> None:
     """Train a spiking network (with the recipe's dynamic pruning) into OUT: ckpt.pt, best.pt, metrics.jsonl."""
+    from . import distributed
     from .recipe import load_recipe
     from .training import train
 
     r = load_recipe(recipe)
-    res = train(r, out or Path("runs") / r.name, resume=resume)
+    with distributed.session():  # under torchrun: one process per device, rank 0 reports
+        res = train(r, out or Path("runs") / r.name, resume=resume)
+        if not distributed.is_main():
+            return
     last = res.metrics[-1]
     console.print(f"test accuracy {last['test_acc']:.4f}, kept channels {last['kept_channels']:.3f}; "
                   f"wrote {res.ckpt}, {res.best}, {res.out_dir / 'metrics.jsonl'}")
@@ -135,14 +139,15 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
 def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe name>)"),
             resume: bool = typer.Option(False, "--resume", help="Skip finished stages, continue unfinished training")) -> None:
-    """train -> slim -> export -> bench, all into one run directory."""
+    """train -> slim -> export -> bench, all into one run directory (training on every torchrun process)."""
     from .recipe import load_recipe
     from .run import run_pipeline
 
     r = load_recipe(recipe)
     out = out or Path("runs") / r.name
     report = run_pipeline(r, out, resume=resume, log=lambda stage: console.print(f"[bold cyan]▶ {stage}"))
-    _print_bench(report, out)
+    if report is not None:  # None: a rank > 0 under torchrun, done after training
+        _print_bench(report, out)
 
 
 @app.command("info")

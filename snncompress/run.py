@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import distributed
 from .artifacts import write_json
 from .benchmark import bench
 from .errors import SnnCompressError
@@ -18,10 +19,11 @@ from .training import train
 
 RUN_FORMAT = "snncompress.run/1"
 STAGES = ("train", "baseline", "slim", "export", "bench")
+DISTRIBUTED_STAGES = ("train", "baseline")  # under torchrun; the others run on rank 0 alone
 
 
 def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = False,
-                 log: Callable[[str], None] = lambda _: None) -> dict:
+                 log: Callable[[str], None] = lambda _: None) -> dict | None:
     """Run every stage; return the bench report. Layout of ``out_dir``::
 
         run.json                                 recipe and each stage's status
@@ -34,8 +36,17 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
 
     The last checkpoint (end of the frozen-mask fine-tune) is slimmed, not ``best.pt``: the best
     epoch is chosen on the test set, so reporting it would overstate accuracy.
+
+    Under ``torchrun`` every process takes part in the training stages; then the others leave and
+    rank 0 alone slims, exports and benches (and writes ``run.json``). They return None.
     """
-    out = Path(out_dir)
+    with distributed.session():
+        return _run(recipe, Path(out_dir), progress, resume, log)
+
+
+def _run(recipe: Recipe, out: Path, progress: bool, resume: bool, log: Callable[[str], None]) -> dict | None:
+    main = distributed.is_main()
+    log = log if main else (lambda _: None)
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
     if recipe.model.factory:  # the user's own recipe names it: trusted for every stage, resumed ones too
@@ -48,6 +59,8 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
         if previous.get("recipe") != recipe_json:
             raise SnnCompressError(f"{status_path}: this run used a different recipe; resume with the same one")
         status["stages"] = previous.get("stages", {})
+    distributed.barrier()  # every rank has read run.json before rank 0 rewrites it
+    save_status = (lambda: write_json(status, status_path)) if main else (lambda: None)
 
     outputs = {"train": out / "train" / "ckpt.pt", "baseline": out / "baseline" / "ckpt.pt",
                "slim": out / "slim.pt", "export": out / "model.onnx", "bench": out / "bench.json"}
@@ -63,18 +76,25 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
         if stage == "baseline" and not recipe.baseline:
             continue
         done = status["stages"].get(stage, {}).get("status") == "done" and outputs[stage].exists()
+        if distributed.is_distributed() and stage in DISTRIBUTED_STAGES:
+            distributed.check_agree("done" if done else "to do", f"the state of stage {stage}",
+                                    "every rank must see the same run directory (across nodes: a shared filesystem)")
+        elif distributed.is_distributed():
+            distributed.shutdown()  # training is over: the other ranks leave, rank 0 goes on alone
+            if not main:
+                return None
         if done:
             log(f"{stage}: done, skipped")
             continue
         log(stage)
         status["stages"][stage] = {"status": "running", "started": time.time()}
-        write_json(status, status_path)
+        save_status()
         try:
             actions[stage]()
         except BaseException:
             status["stages"][stage]["status"] = "failed"
-            write_json(status, status_path)
+            save_status()
             raise
         status["stages"][stage].update(status="done", finished=time.time())
-        write_json(status, status_path)
+        save_status()
     return json.loads(outputs["bench"].read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..distributed import sum_across_ranks
 from ..recipe import PruneCfg
 from .baselines import BNScorer, L1Scorer, RandomScorer
 from .criticality import CriticalityScorer
@@ -69,6 +70,9 @@ class DynamicPruner:
             return None
         keep = keep_fraction_at(self.cfg, epoch)
         old = self.masks
+        # under torchrun every rank selects from the statistics of all ranks (so all pick the same
+        # masks); _regrowth needs no reduction: DDP already averaged the gate gradients behind it
+        sum_across_ranks(self.scorer.accumulators())
         scores, grow = self.scorer.scores(), self.scorer.regrowth_scores()
         grow = self._regrowth if grow is None else grow
         if self.cfg.budget == "pq":

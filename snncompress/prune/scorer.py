@@ -36,6 +36,12 @@ class Scorer:
     def reset(self) -> None:
         """Start a new update window."""
 
+    def accumulators(self) -> list["ChannelMeans"]:
+        """The statistics this process gathered in the window; under torchrun they are summed over
+        all processes before each selection. Default: every :class:`ChannelMeans` attribute (a
+        scorer that accumulates in some other form overrides this)."""
+        return [v for v in vars(self).values() if isinstance(v, ChannelMeans)]
+
     def remove(self) -> None:
         """Remove hooks."""
 

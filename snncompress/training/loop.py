@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from spikingjelly.activation_based import functional
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from .. import __version__
+from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
 from ..checkpoint import build_model, model_spec
 from ..data import Dataset, encode, eval_batches, load_dataset, to_steps
@@ -74,13 +74,47 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encodin
     return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item(), out
 
 
+@torch.no_grad()
+def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encoding: str = "direct",
+                     batch_size: int = 256) -> tuple[float, float]:
+    """(mean loss, accuracy) like :func:`evaluate`, each rank running every world-size-th batch.
+
+    Every rank draws every batch's input (cheap), so Poisson spikes are those of :func:`evaluate`.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rank, world = distributed.rank(), distributed.world_size()
+    loss_sum, correct, start = 0.0, 0, 0
+    for i, inp in enumerate(eval_batches(x, T, encoding, batch_size)):
+        yb, start = y[start:start + len(inp)], start + len(inp)
+        if i % world != rank:
+            continue
+        out = model(to_steps(inp, T, encoding).to(device)).float().cpu()
+        functional.reset_net(model)
+        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += int((out.argmax(1) == yb).sum())
+    loss_sum, correct = distributed.sum_numbers(loss_sum, correct)
+    return loss_sum / len(y), correct / len(y)
+
+
 def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = False) -> TrainResult:
     """Train ``recipe`` into ``out_dir`` (``ckpt.pt``, ``best.pt``, ``metrics.jsonl``).
 
     With ``resume=True`` and an ``out_dir/ckpt.pt`` of the same recipe, training continues from it
     with the optimiser, scheduler, RNG, masks and pruning-score state it saved, so that the result
     is bitwise identical (on CPU) to an uninterrupted run. Without a checkpoint it starts afresh.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every process trains its shard of each epoch in
+    DistributedDataParallel (``data.batch_size`` is per process); pruning statistics and metrics
+    are summed over the processes, every mask update is checked to be identical on all of them,
+    and only rank 0 writes files and shows progress.
     """
+    with distributed.session():
+        return _train(recipe, out_dir, progress, resume)
+
+
+def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) -> TrainResult:
+    multi, rank, main = distributed.is_distributed(), distributed.rank(), distributed.is_main()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(recipe.seed)
@@ -90,7 +124,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     example = encode(data.x_train[:2], T, enc)
     model = build_model(spec, example, len(data.classes))
     groups = channel_groups(model, example)
-    device = resolve_device(recipe.train.device)
+    device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
     pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed) if recipe.prune else None
 
@@ -99,8 +133,11 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     gen = torch.Generator().manual_seed(recipe.seed)
-    loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=recipe.data.batch_size,
-                        shuffle=True, generator=gen, num_workers=recipe.data.workers,
+    train_set = TensorDataset(data.x_train, data.y_train)
+    # under torchrun: each rank a disjoint shard of a permutation drawn from the seed and the epoch
+    sampler = DistributedSampler(train_set, seed=recipe.seed) if multi else None
+    loader = DataLoader(train_set, batch_size=recipe.data.batch_size, sampler=sampler,
+                        shuffle=sampler is None, generator=gen, num_workers=recipe.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0)
     augment = recipe.data.augments and enc != "frames"
     # bf16 autocast on GPUs; CPU training stays fp32 (bitwise-deterministic runs and resumes)
@@ -110,22 +147,32 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     start, best_acc, metrics = 0, -1.0, []
     if resume and ckpt_path.exists():
         start, best_acc, metrics = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path)
+        if pruner and rank != 0:  # the checkpoint holds the sums over all ranks: rank 0 takes them
+            for acc in pruner.scorer.accumulators():
+                acc.reset()
+    if multi:
+        distributed.check_agree(str(start), "the epoch to start from",
+                                "every rank must see the same OUT/ckpt.pt (across nodes: a shared filesystem)")
+    net = distributed.wrap(model, device)  # after the resume: rank 0's state goes to every rank
     base = {"format": CKPT_FORMAT, "version": __version__, "recipe": recipe.model_dump(mode="json"),
             "model": spec, "data": data.meta(recipe.data)}
     every = recipe.train.checkpoint_every
     last_saved = start - 1
-    with _progress(progress) as bar:
+    with _progress(progress and main) as bar:
         task = bar.add_task(recipe.name, total=epochs, completed=start, info="resumed" if start else "")
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                seed_everything(distributed.rank_seed(recipe.seed, epoch))
+            net.train()
             loss_sum, correct, seen = 0.0, 0, 0
             for xb, yb in loader:
                 if augment:
                     xb = random_crop_flip(xb)
                 xb, yb = encode(xb, T, enc).to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 with autocast:
-                    out = model(xb)
+                    out = net(xb)
                     loss = F.cross_entropy(out.float(), yb)
                 if not torch.isfinite(loss):
                     good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none (no epoch finished)"
@@ -143,35 +190,49 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
                 correct += int((out.argmax(1) == yb).sum())
                 seen += len(yb)
             sched.step()
+            loss_sum, correct, seen = distributed.sum_numbers(loss_sum, correct, seen)
             event = pruner.end_epoch(epoch) if pruner else None
-            test_loss, test_acc, _ = evaluate(model, data.x_test, data.y_test, T, enc)
+            if event is not None:
+                event["mask_sha256"] = distributed.check_masks_agree(pruner.masks, epoch)
+            if multi:
+                distributed.broadcast_buffers(model)
+                test_loss, test_acc = evaluate_sharded(model, data.x_test, data.y_test, T, enc)
+            else:
+                test_loss, test_acc, _ = evaluate(model, data.x_test, data.y_test, T, enc)
             kept = pruner.kept_fraction() if pruner else 1.0
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
                    "kept_channels": kept, "mask_update": event is not None,
                    "seconds": seconds, "samples_per_s": seen / seconds}
+            if multi:
+                row["world_size"] = distributed.world_size()
             metrics.append(row)
 
             eligible = pruner is None or pruner.at_target()
             improved = eligible and test_acc > best_acc
             best_acc = test_acc if improved else best_acc
-            ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
-                    "history": _history(pruner), "metrics": row, "epoch": epoch,
-                    "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
-            if improved:
-                save_torch(ckpt, best_path)
-            # metrics first: a resume truncates them to the checkpoint's epoch
-            write_text("".join(json.dumps(m) + "\n" for m in metrics), metrics_path)
-            if (epoch + 1) % every == 0 or epoch == epochs - 1:
-                save_torch(ckpt, ckpt_path)
-                last_saved = epoch
+            if pruner and multi:  # the checkpoint (rank 0's) must hold every rank's statistics
+                distributed.gather_on_main(pruner.scorer.accumulators())
+            save = (epoch + 1) % every == 0 or epoch == epochs - 1
+            if main:  # the other ranks never write, so no file is ever half-written by two processes
+                ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
+                        "history": _history(pruner), "metrics": row, "epoch": epoch,
+                        "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
+                if improved:
+                    save_torch(ckpt, best_path)
+                # metrics first: a resume truncates them to the checkpoint's epoch
+                write_text("".join(json.dumps(m) + "\n" for m in metrics), metrics_path)
+                if save:
+                    save_torch(ckpt, ckpt_path)
+            last_saved = epoch if save else last_saved
             bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  acc {test_acc:.3f}  kept {kept:.2f}  "
                                              f"{row['samples_per_s']:.0f} samples/s")
     if pruner:
         pruner.remove()
-    if not best_path.exists():  # e.g. a schedule that never reached its target
+    if main and not best_path.exists():  # e.g. a schedule that never reached its target
         save_torch(load_checkpoint(ckpt_path), best_path)
+    distributed.barrier()  # every rank returns once rank 0's files are complete
     return TrainResult(out_dir, ckpt_path, best_path, metrics)
 
 
