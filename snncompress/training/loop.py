@@ -24,6 +24,7 @@ from ..data.augment import random_crop_flip
 from ..errors import SnnCompressError
 from ..prune.controller import DynamicPruner
 from ..prune.gates import channel_groups, get_masks
+from ..prune.unstructured import WeightPruner, make_pruner
 from ..recipe import Recipe, TrainCfg
 
 
@@ -92,9 +93,9 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     groups = channel_groups(model, example)
     device = resolve_device(recipe.train.device)
     model.to(device)
-    pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed) if recipe.prune else None
-
     opt = make_optimizer(model, recipe.train)
+    # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
+    pruner = make_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt) if recipe.prune else None
     epochs = recipe.train.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
@@ -150,6 +151,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
                    "kept_channels": kept, "mask_update": event is not None,
+                   **({"connectivity": pruner.connectivity()} if isinstance(pruner, WeightPruner) else {}),
                    "seconds": seconds, "samples_per_s": seen / seconds}
             metrics.append(row)
 
@@ -158,6 +160,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
             best_acc = test_acc if improved else best_acc
             ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
                     "history": _history(pruner), "metrics": row, "epoch": epoch,
+                    **({"weight_masks": pruner.packed_masks()} if isinstance(pruner, WeightPruner) else {}),
                     "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
             if improved:
                 save_torch(ckpt, best_path)
@@ -175,7 +178,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     return TrainResult(out_dir, ckpt_path, best_path, metrics)
 
 
-def _train_state(opt, sched, gen: torch.Generator, pruner: DynamicPruner | None, best_acc: float) -> dict:
+def _train_state(opt, sched, gen: torch.Generator, pruner: DynamicPruner | WeightPruner | None, best_acc: float) -> dict:
     """Everything beyond the weights that a bitwise-exact resume needs (tensors and plain data only)."""
     return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()},
@@ -220,7 +223,7 @@ def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _history(pruner: DynamicPruner | None) -> list[dict]:
+def _history(pruner: DynamicPruner | WeightPruner | None) -> list[dict]:
     return [] if pruner is None else [dict(h) for h in pruner.history]
 
 
