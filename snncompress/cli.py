@@ -195,6 +195,12 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
     kept = {g: f"{int(m.sum())}/{m.numel()}" for g, m in ck["masks"].items()}
     console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {describe_spec(ck['model'])}\n"
                   f"epoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\nkept channels: {kept}", highlight=False)
+    if "weight_masks" in ck:
+        from .prune.weights import unpack_masks
+
+        wm = unpack_masks(ck["weight_masks"])
+        kept_w = sum(int(m.sum()) for m in wm.values())
+        console.print(f"kept weights: {kept_w}/{sum(m.numel() for m in wm.values())} (conv + linear)", highlight=False)
 
 
 def main() -> None:
