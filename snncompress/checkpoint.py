@@ -28,8 +28,8 @@ def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
         fn = resolve_factory(m.factory)
         return {"factory": m.factory, "kwargs": {**m.kwargs, **accepted_data_kwargs(fn, in_channels, num_classes)}}
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "neuron": m.neuron.model_dump(), "width": m.width}
-    if m.layers is not None:
-        kwargs["layers"] = list(m.layers)
+    if m.name == "vgg":
+        kwargs.update(layers=list(m.layers), readout_pool=m.readout_pool)
     return {"name": m.name, "kwargs": kwargs}
 
 

@@ -87,6 +87,7 @@ class ModelCfg(_Strict):
     # vgg only: conv widths; "M" is a 2x2 max-pool.
     layers: list[Annotated[int | str, PlainValidator(_layer_entry)]] | None = None
     width: Positive = 1.0  # registered models: every channel count is scaled by it
+    readout_pool: PositiveInt = 1  # vgg only: average the last feature map to p x p before the linear readout
     neuron: NeuronCfg = NeuronCfg()
 
     @model_validator(mode="before")
@@ -108,7 +109,7 @@ class ModelCfg(_Strict):
             except ValueError as e:
                 raise ValueError(f"factory: {e}") from None
             # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
-            for key, default in (("layers", None), ("width", 1.0), ("neuron", NeuronCfg())):
+            for key, default in (("layers", None), ("width", 1.0), ("readout_pool", 1), ("neuron", NeuronCfg())):
                 if getattr(self, key) != default:
                     raise ValueError(f"{key}: only for registered models; pass a factory's arguments in kwargs")
             if set(self.kwargs) & {"in_channels", "num_classes"}:
@@ -120,6 +121,8 @@ class ModelCfg(_Strict):
             raise ValueError("kwargs: only for a factory; registered models take layers (vgg), width and neuron")
         if self.name != "vgg" and self.layers is not None:
             raise ValueError(f"layers: only for vgg (model.name is {self.name}); scale other models with width")
+        if self.name != "vgg" and self.readout_pool != 1:
+            raise ValueError(f"readout_pool: only for vgg (model.name is {self.name})")
         if self.name == "vgg" and not any(isinstance(v, int) for v in self.layers):
             raise ValueError("layers: needs at least one conv width (an int)")
         return self

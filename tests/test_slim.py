@@ -85,3 +85,18 @@ def test_slim_checkpoint_refuses_and_writes_nothing_when_not_equivalent(run_dir,
     with pytest.raises(sc.VerificationError, match="features.conv2.spike"):
         sc.slim_checkpoint(run_dir / "train" / "ckpt.pt", target)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_slim_equals_masked_with_a_spatial_readout():
+    # readout_pool 2: each kept channel of the last conv feeds 4 inputs of the linear readout
+    torch.manual_seed(0)
+    model = sc.create_model("vgg", in_channels=1, num_classes=10, layers=[8, "M", 12], readout_pool=2)
+    x = torch.randn(32, 1, 8, 8) * 2
+    attach_gates(model, x[:2])
+    model.eval()
+    groups = sc.channel_groups(model, x[:2])
+    keep = {g.name: torch.arange(g.size) % 3 == 1 for g in groups}
+    set_masks(model, groups, keep)
+    slim = sc.slim(model, keep, x[:2])
+    assert slim.classifier.in_features == int(keep["features.conv2.conv"].sum()) * 4
+    assert compare_models(model, slim, x, T=4, encoding="direct").ok

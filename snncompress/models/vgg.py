@@ -32,7 +32,7 @@ class SpikingVGG(nn.Module):
     """Input ``[T, B, C, H, W]``; output logits ``[B, classes]`` (the readout averaged over T)."""
 
     def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None,
-                 width: float = 1.0):
+                 width: float = 1.0, readout_pool: int = 1):
         super().__init__()
         blocks, c, n_conv, n_pool = OrderedDict(), in_channels, 0, 0
         for v in layers:
@@ -44,10 +44,11 @@ class SpikingVGG(nn.Module):
                 blocks[f"conv{n_conv}"] = conv_block(c, scaled(int(v), width), neuron or {})
                 c = scaled(int(v), width)
         self.features = nn.Sequential(blocks)
-        # global average pooling keeps the readout independent of input size and channel count
-        self.pool = layer.AdaptiveAvgPool2d((1, 1))
+        # adaptive average pooling keeps the readout independent of the input size; a p x p grid
+        # (readout_pool > 1) keeps coarse spatial layout, which larger inputs such as MNIST need
+        self.pool = layer.AdaptiveAvgPool2d((readout_pool, readout_pool))
         self.flatten = layer.Flatten(start_dim=1)
-        self.classifier = layer.Linear(c, num_classes)
+        self.classifier = layer.Linear(c * readout_pool * readout_pool, num_classes)
         functional.set_step_mode(self, "m")
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -58,9 +59,10 @@ class SpikingVGG(nn.Module):
 
 @register_model("vgg")
 def vgg(in_channels: int, num_classes: int, layers: Sequence[int | str] = (64, 128, "M", 256, "M", 256),
-        neuron: dict | None = None, width: float = 1.0) -> SpikingVGG:
-    """Spiking VGG with configurable widths (``"M"`` = 2x2 max-pool), each scaled by ``width``."""
-    return SpikingVGG(in_channels, num_classes, layers, neuron, width)
+        neuron: dict | None = None, width: float = 1.0, readout_pool: int = 1) -> SpikingVGG:
+    """Spiking VGG with configurable widths (``"M"`` = 2x2 max-pool), each scaled by ``width``;
+    the readout averages the last feature map to ``readout_pool`` x ``readout_pool``."""
+    return SpikingVGG(in_channels, num_classes, layers, neuron, width, readout_pool)
 
 
 @register_model("vgg16")
