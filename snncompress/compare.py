@@ -128,9 +128,11 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
         raise SnnCompressError(f"compare: every keep must be in (0, 1], got {keeps}")
     baseline = recipe.baseline if baseline is None else baseline
     seed_list = list(range(recipe.seed, recipe.seed + seeds))
+    densities = {k: weight_density_for_keep(recipe, k) for k in keeps} \
+        if any(m in UNSTRUCTURED_METHODS for m in methods) else {}
     rows = []
     for keep in keeps:
-        density = weight_density_for_keep(recipe, keep) if any(m in UNSTRUCTURED_METHODS for m in methods) else None
+        density = densities.get(keep)
         for seed in seed_list:
             for method in methods:
                 variant = variant_recipe(recipe, method, keep, seed, density)
@@ -147,9 +149,7 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
                              run_dir))
     result = {"format": COMPARE_FORMAT, "recipe": recipe.model_dump(mode="json"), "methods": methods,
               "keeps": keeps, "seeds": seed_list,
-              "density_for_keep": {f"{k:g}": weight_density_for_keep(recipe, k) for k in keeps}
-              if any(m in UNSTRUCTURED_METHODS for m in methods) else {},
-              "rows": rows}
+              "density_for_keep": {f"{k:g}": d for k, d in densities.items()}, "rows": rows}
     write_json(result, out / "compare.json")
     summary = summarise(rows)
     write_text(render_compare_markdown(result, summary), out / "compare.md")
