@@ -235,8 +235,9 @@ def plot_pareto(summary: list[dict], path: Path, title: str) -> None:
                         fmt="o", color=colours[m], label=m, capsize=3)
         points = [(s[key][0], s["accuracy"][0]) for s in summary]
         front = pareto_front(points)
-        ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "--", color="grey",
-                lw=1, label="Pareto front")
+        # hollow rings mark the front, so a one-point front is visible too
+        ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "--o", color="grey",
+                lw=1, ms=13, mfc="none", label="Pareto front")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
