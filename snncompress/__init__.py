@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .artifacts import load_checkpoint  # noqa: E402
 from .benchmark import BenchSettings, bench  # noqa: E402
 from .checkpoint import load_model  # noqa: E402
+from .compare import compare  # noqa: E402
 from .errors import RecipeError, SnnCompressError, VerificationError  # noqa: E402
 from .export import export_onnx  # noqa: E402
 from .models import create_model, list_models, register_model  # noqa: E402
@@ -24,7 +25,7 @@ from .training import evaluate, train  # noqa: E402
 
 __all__ = [
     "BenchSettings", "ChannelGate", "ChannelGroup", "Recipe", "RecipeError", "SnnCompressError",
-    "VerificationError", "bench", "channel_groups", "create_model", "evaluate", "export_onnx",
+    "VerificationError", "bench", "channel_groups", "compare", "create_model", "evaluate", "export_onnx",
     "list_models", "load_checkpoint", "load_model", "load_recipe", "parse_recipe", "register_model",
     "run_pipeline", "slim", "slim_checkpoint", "train",
 ]

@@ -19,6 +19,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.neuron import BaseNode
 from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
+from spikingjelly.activation_based.op_counter.ac import _spike_nnz
 
 from . import __version__
 from .artifacts import load_checkpoint, sha256, write_json, write_text
@@ -43,13 +44,68 @@ class BenchSettings:
     repeats: int = 30
 
 
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    return (t != 0).double()
+
+
+def _uncounted(fn, *args):
+    """Run an aten op outside the counting dispatch mode (as spikingjelly's own rules do)."""
+    with torch.no_grad(), torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Python)):
+        return fn(*args)
+
+
+def _nz_convolution(args, kwargs, out) -> int:
+    x, w, _, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+    if _spike_nnz(x) is None:
+        return 0
+    # every output element sums the input spikes under the non-zero taps: the accumulations actually made
+    res = _uncounted(torch.ops.aten.convolution.default, x.double(), _nonzero(w), None, stride, padding, dilation,
+                     transposed, output_padding, groups)
+    return int(res.sum().item())
+
+
+def _nz_mm(x: torch.Tensor, y: torch.Tensor) -> int:
+    if _spike_nnz(x) is not None:
+        return int(_uncounted(torch.ops.aten.mm.default, x.double(), _nonzero(y)).sum().item())
+    if _spike_nnz(y) is not None:
+        return int(_uncounted(torch.ops.aten.mm.default, _nonzero(x), y.double()).sum().item())
+    return 0
+
+
+class NonzeroSynOpCounter(SynOpCounter):
+    """spikingjelly's :class:`SynOpCounter` restricted to non-zero weights (unstructured sparsity).
+
+    For a spike input, SynOpCounter counts every weight a spike fans out to (border-aware); this counter
+    counts only the non-zero ones: ``sum(conv(spikes, W != 0))`` for convolutions, ``sum(spikes @ (W != 0))``
+    for ``mm`` / ``addmm`` (linear layers); other ops keep SynOpCounter's rules. With no zero weight the two
+    agree exactly.
+    """
+
+    def __init__(self, extra_ignore_modules: list[type[nn.Module]] | None = None):
+        super().__init__(extra_ignore_modules=extra_ignore_modules)
+        self.rules.update({
+            torch.ops.aten.convolution.default: _nz_convolution,
+            torch.ops.aten.mm.default: lambda args, kwargs, out: _nz_mm(args[0], args[1]),
+            torch.ops.aten.addmm.default: lambda args, kwargs, out: _nz_mm(args[1], args[2]),
+        })
+
+
+def weight_counts(model: nn.Module) -> dict:
+    """Conv + linear weights: total, non-zero, and ``connectivity`` = non-zero / total."""
+    ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    total = sum(w.numel() for w in ws)
+    nonzero = sum(int(w.count_nonzero()) for w in ws)
+    return {"weights": total, "nonzero_weights": nonzero, "connectivity": nonzero / max(1, total)}
+
+
 @torch.no_grad()
 def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_size: int = 128) -> dict:
-    """SOPs and analog MACs per inference (op_counter) and firing rates, over samples ``x``.
-
-    Also per layer: SOPs of every conv/linear layer and the firing rate of every spiking neuron.
+    """SOPs (all weights, and through non-zero weights only) and analog MACs per inference (op_counter),
+    and firing rates, over samples ``x``. Also per layer: SOPs of every conv/linear layer and the
+    firing rate of every spiking neuron.
     """
     synops, macs = SynOpCounter(), MACCounter(extra_ignore_modules=[nn.BatchNorm2d])  # BN folds at deployment
+    effective = NonzeroSynOpCounter()
     fired: dict[str, float] = {}
     seen: dict[str, int] = {}
 
@@ -63,20 +119,22 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
     model.eval()
     try:
         for inp in eval_batches(x, T, encoding, batch_size):
-            with DispatchCounterMode([synops, macs]):
+            with DispatchCounterMode([synops, macs, effective]):
                 model(to_steps(inp, T, encoding))
             functional.reset_net(model)
     finally:
         for h in handles:
             h.remove()
     n = len(x)
-    sops, analog = synops.get_total() / n, macs.get_total() / n
+    sops, analog, sops_nz = synops.get_total() / n, macs.get_total() / n, effective.get_total() / n
     # op_counter scopes are "<RootClass>.<module name>"
     root = type(model).__name__ + "."
     counts = {k.removeprefix(root): sum(v.values()) for k, v in synops.get_counts().items()}
     layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return {"sops": sops, "macs_analog": analog, "firing_rate": sum(fired.values()) / max(1, sum(seen.values())),
+    return {"sops": sops, "sops_effective": sops_nz, "macs_analog": analog,
+            "firing_rate": sum(fired.values()) / max(1, sum(seen.values())),
             "energy_uj": (analog * PJ_PER_MAC + sops * PJ_PER_AC) * 1e-6,
+            "energy_uj_effective": (analog * PJ_PER_MAC + sops_nz * PJ_PER_AC) * 1e-6,
             "per_layer": {"sops": {name: counts.get(name, 0) / n for name in layers},
                           "firing_rate": {name: fired[name] / max(1, seen[name]) for name in fired}}}
 
@@ -133,6 +191,7 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
     return {
         "checkpoint": str(ckpt_path), "onnx": str(onnx_path),
         "params": count_params(model),
+        **weight_counts(model),
         "macs": count_macs(model, encode(data.x_test[:1], T, enc)),
         **spike_stats(model, data.x_test, T, enc),
         "accuracy": accuracy,
@@ -173,6 +232,8 @@ def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.P
                      "execution_provider": "CPUExecutionProvider", "graph_optimization": "ORT_ENABLE_ALL"},
         "units": {"params": "count", "macs": "dense multiply-accumulates per inference (all T steps)",
                   "macs_analog": "MACs on non-spike inputs per inference", "sops": "synaptic operations per inference",
+                  "sops_effective": "synaptic operations through non-zero weights per inference",
+                  "connectivity": "fraction of conv + linear weights that are non-zero",
                   "energy_uj": "microjoules per inference", "latency_ms": "milliseconds per batch",
                   "accuracy": "fraction", "kept_channels": "fraction of conv channels", "firing_rate": "spikes per neuron per step"},
         "models": models,
@@ -185,6 +246,7 @@ def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.P
 
 
 ROWS = [("params", "Params", "{:,.0f}"), ("macs", "MACs / inference", "{:,.0f}"), ("sops", "SOPs / inference", "{:,.0f}"),
+        ("sops_effective", "SOPs through non-zero weights", "{:,.0f}"), ("connectivity", "Connectivity", "{:.1%}"),
         ("firing_rate", "Firing rate", "{:.4f}"), ("energy_uj", "Energy (µJ)", "{:.3f}"),
         ("accuracy", "Accuracy (PyTorch)", "{:.2%}"), ("accuracy_onnx", "Accuracy (onnxruntime)", "{:.2%}"),
         ("kept_channels", "Kept conv channels", "{:.1%}")]

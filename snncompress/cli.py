@@ -150,6 +150,43 @@ def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
         _print_bench(report, out)
 
 
+def _csv(text: str, what: str, cast=str) -> list:
+    from .errors import SnnCompressError
+
+    try:
+        items = [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SnnCompressError(f"{what}: expected a comma-separated list, got {text!r}") from None
+    if not items:
+        raise SnnCompressError(f"{what}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+@app.command("compare")
+def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, data, training, schedule)"),
+                methods: str = typer.Option("sca,criticality,pq,random,l1", "--methods",
+                                            help="Comma-separated pruning methods"),
+                keep: Optional[str] = typer.Option(None, "--keep", help="Comma-separated budgets: channel keep "
+                                                   "fraction (structured), the same weight count (unstructured); "
+                                                   "default: the recipe's prune.keep"),
+                seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds recipe.seed ... recipe.seed + N - 1"),
+                baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
+                                                        help="Also a dense run per seed (default: the recipe's baseline)"),
+                out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/<name>-compare)")) -> None:
+    """Train, slim and bench every method at the same budgets and seeds; compare.json, compare.md, compare.png."""
+    from .compare import compare
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    out = out or Path("runs") / f"{r.name}-compare"
+    keeps = _csv(keep, "--keep", float) if keep is not None else None
+    result = compare(r, out, _csv(methods, "--methods"), keeps, seeds, baseline,
+                     log=lambda line: console.print(f"[bold cyan]▶ {line}"))
+    console.print((out / "compare.md").read_text(), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {out / 'compare.json'} ({len(result['rows'])} rows), {out / 'compare.md'}, "
+                  f"{out / 'compare.png'}")
+
+
 @app.command("info")
 def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt) or ONNX model to describe")) -> None:
     """Versions and registered models, or what a checkpoint / ONNX file written by snncompress holds."""
@@ -175,6 +212,12 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
     kept = {g: f"{int(m.sum())}/{m.numel()}" for g, m in ck["masks"].items()}
     console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {describe_spec(ck['model'])}\n"
                   f"epoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\nkept channels: {kept}", highlight=False)
+    if "weight_masks" in ck:
+        from .prune.weights import unpack_masks
+
+        wm = unpack_masks(ck["weight_masks"])
+        kept_w = sum(int(m.sum()) for m in wm.values())
+        console.print(f"kept weights: {kept_w}/{sum(m.numel() for m in wm.values())} (conv + linear)", highlight=False)
 
 
 def main() -> None:

@@ -171,25 +171,45 @@ class TrainCfg(_Strict):
     checkpoint_every: PositiveInt = 1  # epochs between ckpt.pt writes (the last epoch is always written)
 
 
-class PruneCfg(_Strict):
-    """Dynamic structured pruning (see METHODS.md); epochs count from 0."""
+STRUCTURED_METHODS = ("sca", "random", "l1", "bn", "criticality")  # prune channels (gates)
+UNSTRUCTURED_METHODS = ("criticality_unstructured", "pq")  # prune individual weights (weight masks)
+# fields that mean something for one family of methods only: setting one for the other family is an error
+_STRUCTURED_ONLY = ("keep", "regrow", "budget")
+UNSTRUCTURED_ONLY = {"sparsity": UNSTRUCTURED_METHODS, "weight_regrow": ("criticality_unstructured",),
+                      "scope": ("pq",), "er_init": ("pq",)}
 
-    method: Literal["sca", "random", "l1", "bn", "criticality"] = "sca"  # channel scorer (METHODS.md)
-    keep: Fraction = 0.3  # target fraction of conv channels kept
-    regrow: FractionOpen = 0.1  # fraction of all channels chosen by regrowth signal, inside `keep`
-    warmup_epochs: NonNegativeInt = 2  # dense epochs before the first update
-    ramp_epochs: PositiveInt = 8  # cubic ramp of the budget from 1.0 to `keep`
+
+class PruneCfg(_Strict):
+    """Dynamic pruning during training (see METHODS.md); epochs count from 0.
+
+    Structured methods keep a fraction ``keep`` of the conv *channels*; unstructured methods remove a
+    fraction ``sparsity`` of the conv + linear *weights*. Each family's fields are refused for the other.
+    """
+
+    method: Literal["sca", "random", "l1", "bn", "criticality", "criticality_unstructured", "pq"] = "sca"
+    keep: Fraction = 0.3  # structured: target fraction of conv channels kept
+    regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
+    sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed
+    weight_regrow: FractionOpen = 0.5  # criticality_unstructured: share r of the kept weights chosen by criticality
+    scope: Literal["layer", "neuron"] = "layer"  # pq: the PQ index and rewiring count per layer or per output neuron
+    er_init: bool = True  # pq: Erdos-Renyi(-kernel) per-layer densities at init (false: the same density everywhere)
+    warmup_epochs: NonNegativeInt = 2  # epochs before the first update (dense; pq: sparse from epoch 0)
+    ramp_epochs: PositiveInt = 8  # cubic ramp of the budget to its target (not used by pq: sparse from the start)
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
     update_every: PositiveInt = 1  # epochs between mask updates
-    min_channels: PositiveInt = 2  # never fewer channels in a group
+    min_channels: PositiveInt = 2  # never fewer channels in a group (unstructured: non-empty filters per layer)
     round_to: PositiveInt = 1  # round each group's kept channels up to a multiple (8 or 16 suit SIMD units)
     budget: Literal["global", "pq"] = "global"  # one global ranking, or per-group budgets from the PQ index
     l1_gamma: NonNegative = 1e-4  # criticality: weight of the L1 penalty on BN gamma in the loss
-    pq_p: Positive = 0.5  # budget pq: PQ index norms, 0 < pq_p < pq_q (Diao et al.: 0.5, 1)
+    pq_p: Positive = 0.5  # budget pq / method pq: PQ index norms, 0 < pq_p < pq_q (Diao et al.: 0.5, 1)
     pq_q: Positive = 1.0
-    pq_eta: NonNegative = 0.0  # budget pq: ratio slowdown eta (Diao: 0; Shen et al.: 0.001)
-    pq_gamma: Positive = 1.0  # budget pq: ratio scale gamma
-    pq_beta: Fraction = 0.9  # budget pq: cap beta on a group's pruned fraction
+    pq_eta: NonNegative = 0.0  # PQ ratio slowdown eta (Diao: 0; Shen et al.: 0.001)
+    pq_gamma: Positive = 1.0  # PQ ratio scale gamma
+    pq_beta: Fraction = 0.9  # PQ ratio cap beta (budget pq: on a group's pruned fraction; method pq: rewired fraction)
+
+    @property
+    def unstructured(self) -> bool:
+        return self.method in UNSTRUCTURED_METHODS
 
     @model_validator(mode="after")
     def _regrow_inside_keep(self) -> "PruneCfg":
@@ -197,6 +217,23 @@ class PruneCfg(_Strict):
             raise ValueError(f"regrow: must be < keep ({self.keep}), got {self.regrow}")
         if self.pq_p >= self.pq_q:
             raise ValueError(f"pq_q: must be > pq_p ({self.pq_p}), got {self.pq_q}")
+        return self
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> "PruneCfg":
+        # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
+        defaults = PruneCfg.model_fields
+        if self.unstructured:
+            if self.sparsity is None:
+                raise ValueError(f"sparsity: required for method {self.method} (fraction of conv and linear "
+                                 "weights removed, in [0, 1))")
+            for key in _STRUCTURED_ONLY:
+                if getattr(self, key) != defaults[key].default:
+                    raise ValueError(f"{key}: only for structured methods ({', '.join(STRUCTURED_METHODS)}); "
+                                     f"method {self.method} prunes weights: set sparsity")
+        for key, methods in UNSTRUCTURED_ONLY.items():
+            if self.method not in methods and getattr(self, key) != defaults[key].default:
+                raise ValueError(f"{key}: only for method {' / '.join(methods)}, not {self.method}")
         return self
 
 
@@ -212,7 +249,13 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _schedule_fits(self) -> "Recipe":
         p = self.prune
-        if p is not None and p.warmup_epochs + p.ramp_epochs + p.finetune_epochs > self.train.epochs:
+        if p is None:
+            return self
+        if p.method == "pq":  # sparse from the start: no ramp
+            if p.warmup_epochs + p.finetune_epochs > self.train.epochs:
+                raise ValueError("prune: warmup_epochs + finetune_epochs must be <= train.epochs, got "
+                                 f"{p.warmup_epochs} + {p.finetune_epochs} > {self.train.epochs}")
+        elif p.warmup_epochs + p.ramp_epochs + p.finetune_epochs > self.train.epochs:
             raise ValueError(
                 "prune: warmup_epochs + ramp_epochs + finetune_epochs must be <= train.epochs, got "
                 f"{p.warmup_epochs} + {p.ramp_epochs} + {p.finetune_epochs} > {self.train.epochs}"

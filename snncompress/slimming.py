@@ -74,7 +74,9 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
             f"(max |Δlogit| {eq.max_abs_diff:.3g}, same predictions: {eq.same_predictions}); nothing written"
         )
     x_seq = encode(data.x_test[:1], ckpt["data"]["T"], ckpt["data"]["encoding"])
-    out = {**ckpt, "format": SLIM_FORMAT, "state_dict": slim_net.state_dict(),
+    # weight masks are in dense shapes; the slim weights carry the pruned entries as zeros instead
+    out = {**{k: v for k, v in ckpt.items() if k != "weight_masks"}, "format": SLIM_FORMAT,
+           "state_dict": slim_net.state_dict(),
            "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()},
            "source_sha256": sha256(ckpt_path),
            "verification": {"n_samples": eq.n_samples, "max_abs_diff": eq.max_abs_diff}}

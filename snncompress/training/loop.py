@@ -24,6 +24,7 @@ from ..data.augment import random_crop_flip
 from ..errors import SnnCompressError
 from ..prune.controller import DynamicPruner
 from ..prune.gates import channel_groups, get_masks
+from ..prune.unstructured import WeightPruner, make_pruner
 from ..recipe import Recipe, TrainCfg
 
 
@@ -126,9 +127,12 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     groups = channel_groups(model, example)
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
-    pruner = DynamicPruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed) if recipe.prune else None
-
     opt = make_optimizer(model, recipe.train)
+    # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
+    pruner = make_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt) if recipe.prune else None
+    if multi and isinstance(pruner, WeightPruner):  # their statistics are not all-reduced: masks could diverge
+        raise SnnCompressError(f"prune.method: {recipe.prune.method} (unstructured) is not supported under torchrun "
+                               "yet; train it in one process")
     epochs = recipe.train.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
@@ -204,6 +208,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
                    "kept_channels": kept, "mask_update": event is not None,
+                   **({"connectivity": pruner.connectivity()} if isinstance(pruner, WeightPruner) else {}),
                    "seconds": seconds, "samples_per_s": seen / seconds}
             if multi:
                 row["world_size"] = distributed.world_size()
@@ -218,6 +223,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             if main:  # the other ranks never write, so no file is ever half-written by two processes
                 ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
                         "history": _history(pruner), "metrics": row, "epoch": epoch,
+                        **({"weight_masks": pruner.packed_masks()} if isinstance(pruner, WeightPruner) else {}),
                         "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
                 if improved:
                     save_torch(ckpt, best_path)
@@ -236,7 +242,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     return TrainResult(out_dir, ckpt_path, best_path, metrics)
 
 
-def _train_state(opt, sched, gen: torch.Generator, pruner: DynamicPruner | None, best_acc: float) -> dict:
+def _train_state(opt, sched, gen: torch.Generator, pruner: DynamicPruner | WeightPruner | None, best_acc: float) -> dict:
     """Everything beyond the weights that a bitwise-exact resume needs (tensors and plain data only)."""
     return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()},
@@ -281,7 +287,7 @@ def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _history(pruner: DynamicPruner | None) -> list[dict]:
+def _history(pruner: DynamicPruner | WeightPruner | None) -> list[dict]:
     return [] if pruner is None else [dict(h) for h in pruner.history]
 
 

@@ -1,0 +1,251 @@
+"""``snncompress compare``: every method from one recipe, at the same budgets and seeds, side by side.
+
+Each variant is a full :func:`run_pipeline` (train -> slim -> export -> bench) in
+``OUT/<method>-keep<k>-seed<s>/``; finished stages are skipped on a rerun, so an interrupted compare
+continues where it stopped. The rows are aggregated into ``compare.json``, ``compare.md`` (mean ± std
+over seeds) and ``compare.png`` (accuracy vs SOPs and vs latency, with the Pareto front).
+
+How ``--keep k`` maps to a budget:
+
+- structured methods keep the fraction ``k`` of the conv channels (``prune.keep = k``; ``prune.regrow``
+  scaled by ``k / recipe keep`` so regrowth is the same share of the kept channels);
+- unstructured methods get the same number of weights: ``prune.sparsity = 1 - D(k)``, where ``D(k)`` is the
+  fraction of conv + linear weights left in the architecture slimmed *uniformly* to ``k`` of every
+  group's channels (at least ``min_channels``) -- e.g. about ``k^2`` for a plain VGG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .artifacts import write_json, write_text
+from .benchmark import BenchSettings, bench, weight_counts
+from .checkpoint import build_model, model_spec
+from .data import encode, load_dataset
+from .errors import SnnCompressError
+from .prune.gates import channel_groups
+from .prune.surgery import slim
+from .prune.weights import round_half_up
+from .recipe import STRUCTURED_METHODS, UNSTRUCTURED_METHODS, UNSTRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
+from .run import run_pipeline
+from .slimming import slim_checkpoint
+from .training import train
+
+COMPARE_FORMAT = "snncompress.compare/1"
+METHODS = (*STRUCTURED_METHODS, *UNSTRUCTURED_METHODS)
+
+
+def weight_density_for_keep(recipe: Recipe, keep: float) -> float:
+    """``D(keep)``: conv + linear weights of the model slimmed uniformly to ``keep`` of each group's channels
+    (the first ``max(min(min_channels, size), round_half_up(keep * size))``), over those of the full model."""
+    data = load_dataset(recipe.data, recipe.seed)
+    example = encode(data.x_train[:2], recipe.data.T, recipe.data.encoding)
+    model = build_model(model_spec(recipe, data.input_shape[0], len(data.classes)), example, len(data.classes))
+    floor = (recipe.prune or PruneCfg()).min_channels
+    masks = {g.name: torch.arange(g.size) < max(min(floor, g.size), round_half_up(keep * g.size))
+             for g in channel_groups(model, example)}
+    return weight_counts(slim(model, masks, example))["weights"] / weight_counts(model)["weights"]
+
+
+def variant_recipe(recipe: Recipe, method: str, keep: float, seed: int, density: float | None = None) -> Recipe:
+    """The recipe of one variant: ``method`` at budget ``keep`` (see the module docstring) and ``seed``.
+
+    ``density`` is ``D(keep)`` (needed for unstructured methods). Schedule, ``min_channels`` and the
+    method-specific fields come from the recipe's prune section.
+    """
+    if method not in METHODS:
+        raise SnnCompressError(f"compare: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    base = recipe.prune or PruneCfg()
+    defaults = {k: f.default for k, f in PruneCfg.model_fields.items()}
+    prune = {**base.model_dump(mode="json"), "method": method}
+    if method in UNSTRUCTURED_METHODS:
+        if density is None:
+            raise ValueError("variant_recipe: an unstructured method needs the weight density D(keep)")
+        prune.update(keep=defaults["keep"], regrow=defaults["regrow"], budget=defaults["budget"],
+                     sparsity=max(0.0, 1.0 - density))
+    else:
+        # regrowth stays the same share of the kept channels as in the recipe
+        share = defaults["regrow"] / defaults["keep"] if base.unstructured else base.regrow / base.keep
+        prune.update(keep=keep, regrow=share * keep, sparsity=None)
+    for key, owners in UNSTRUCTURED_ONLY.items():  # another method's fields go back to their defaults
+        if key != "sparsity" and method not in owners:
+            prune[key] = defaults[key]
+    data = {**recipe.model_dump(mode="json"), "name": f"{recipe.name}-{method}-keep{keep:g}-seed{seed}",
+            "seed": seed, "baseline": False, "prune": prune}
+    return parse_recipe(data, f"compare variant {method} keep {keep:g} seed {seed}")
+
+
+def _row(method: str, keep: float, seed: int, variant: Recipe | None, report: dict, run_dir: Path) -> dict:
+    dense, sl = report["models"]["dense"], report["models"]["slim"]
+    p = variant.prune if variant is not None else None
+    return {
+        "method": method, "family": "dense" if p is None else "unstructured" if p.unstructured else "structured",
+        "keep": keep, "seed": seed, "sparsity": p.sparsity if p is not None else None, "run_dir": str(run_dir),
+        "accuracy": sl["accuracy"], "accuracy_onnx": sl["accuracy_onnx"], "kept_channels": sl["kept_channels"],
+        # non-zero weights left, over the weights of the full (dense-shaped) architecture
+        "connectivity": sl["nonzero_weights"] / dense["weights"],
+        "sops": sl["sops_effective"], "sops_all_weights": sl["sops"], "macs": sl["macs"], "params": sl["params"],
+        "energy_uj": sl["energy_uj_effective"],
+        "latency_ms": {b: v["median"] for b, v in sl["latency_ms"].items()},
+    }
+
+
+def _dense_reference(recipe: Recipe, seed: int, out: Path, progress: bool, settings: BenchSettings | None) -> dict:
+    """The recipe trained without pruning (slim removes nothing), benched like the variants."""
+    dense = recipe.model_copy(update={"seed": seed}).dense()
+    res = train(dense, out / "train", progress=progress, resume=True)
+    if not (out / "slim.pt").exists():
+        slim_checkpoint(res.ckpt, out / "slim.pt")
+    if not (out / "bench.json").exists():
+        bench(res.ckpt, out / "slim.pt", out, settings=settings)
+    return json.loads((out / "bench.json").read_text())
+
+
+def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list[float] | None = None,
+            seeds: int = 1, baseline: bool | None = None, progress: bool = True,
+            log: Callable[[str], None] = lambda _: None, settings: BenchSettings | None = None) -> dict:
+    """Train, slim and bench every method x keep x seed; write compare.json, compare.md, compare.png.
+
+    ``keeps`` default to the recipe's ``prune.keep``; seeds are ``recipe.seed ... recipe.seed + seeds - 1``;
+    ``baseline`` (default: the recipe's) adds one dense run per seed as the reference row ``dense``.
+    """
+    out = Path(out_dir)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SnnCompressError(f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(METHODS)}")
+    if keeps is None:
+        if recipe.prune is None or recipe.prune.unstructured:
+            raise SnnCompressError("compare: give --keep (the recipe has no structured prune.keep)")
+        keeps = [recipe.prune.keep]
+    if any(not 0 < k <= 1 for k in keeps):
+        raise SnnCompressError(f"compare: every keep must be in (0, 1], got {keeps}")
+    baseline = recipe.baseline if baseline is None else baseline
+    seed_list = list(range(recipe.seed, recipe.seed + seeds))
+    densities = {k: weight_density_for_keep(recipe, k) for k in keeps} \
+        if any(m in UNSTRUCTURED_METHODS for m in methods) else {}
+    rows = []
+    for keep in keeps:
+        density = densities.get(keep)
+        for seed in seed_list:
+            for method in methods:
+                variant = variant_recipe(recipe, method, keep, seed, density)
+                run_dir = out / f"{method}-keep{keep:g}-seed{seed}"
+                log(f"{method} keep {keep:g} seed {seed} -> {run_dir}")
+                report = run_pipeline(variant, run_dir, progress=progress, resume=True,
+                                      log=lambda stage, m=method: log(f"{m}: {stage}"))
+                rows.append(_row(method, keep, seed, variant, report, run_dir))
+    if baseline:
+        for seed in seed_list:
+            run_dir = out / f"dense-seed{seed}"
+            log(f"dense seed {seed} -> {run_dir}")
+            rows.append(_row("dense", 1.0, seed, None, _dense_reference(recipe, seed, run_dir, progress, settings),
+                             run_dir))
+    result = {"format": COMPARE_FORMAT, "recipe": recipe.model_dump(mode="json"), "methods": methods,
+              "keeps": keeps, "seeds": seed_list,
+              "density_for_keep": {f"{k:g}": d for k, d in densities.items()}, "rows": rows}
+    write_json(result, out / "compare.json")
+    summary = summarise(rows)
+    write_text(render_compare_markdown(result, summary), out / "compare.md")
+    plot_pareto(summary, out / "compare.png", recipe.name)
+    return result
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+SUMMARY_KEYS = ("accuracy", "kept_channels", "connectivity", "sops", "macs", "params", "latency_1", "latency_32")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per (method, keep), in row order: ``n`` and ``{key: (mean, std)}`` over the seeds."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["keep"]), []).append(r)
+    out = []
+    for (method, keep), rs in groups.items():
+        values = {k: [r[k] for r in rs] for k in SUMMARY_KEYS[:-2]}
+        values.update({f"latency_{b}": [r["latency_ms"][b] for r in rs] for b in ("1", "32")})
+        out.append({"method": method, "keep": keep, "family": rs[0]["family"], "n": len(rs),
+                    **{k: _mean_std(v) for k, v in values.items()}})
+    return out
+
+
+def _fmt(ms: tuple[float, float], fmt: str, scale: float = 1.0) -> str:
+    return f"{fmt.format(ms[0] * scale)} ± {fmt.format(ms[1] * scale)}"
+
+
+def render_compare_markdown(result: dict, summary: list[dict]) -> str:
+    cols = ["method", "keep", "seeds", "accuracy (%)", "kept channels (%)", "connectivity (%)", "SOPs (M)",
+            "MACs (M)", "params", "latency b1 (ms)", "latency b32 (ms)"]
+    lines = [f"# snncompress compare: {result['recipe']['name']}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for s in summary:
+        lines.append("| " + " | ".join([
+            s["method"], f"{s['keep']:g}", str(s["n"]), _fmt(s["accuracy"], "{:.2f}", 100),
+            _fmt(s["kept_channels"], "{:.1f}", 100), _fmt(s["connectivity"], "{:.1f}", 100),
+            _fmt(s["sops"], "{:.3f}", 1e-6), _fmt(s["macs"], "{:.2f}", 1e-6), _fmt(s["params"], "{:,.0f}"),
+            _fmt(s["latency_1"], "{:.2f}"), _fmt(s["latency_32"], "{:.2f}")]) + " |")
+    dens = ", ".join(f"keep {k} -> {v:.2%} of the weights" for k, v in result["density_for_keep"].items())
+    lines += ["", "Mean ± sample standard deviation over seeds " + ", ".join(map(str, result["seeds"])) + ". "
+              "All figures are of the slim model (pruned channels removed). `keep`: the fraction of conv channels "
+              "for structured methods; unstructured methods get the same number of weights as the uniformly "
+              "slimmed architecture at that keep" + (f" ({dens})" if dens else "") + ". `connectivity`: non-zero "
+              "conv + linear weights over those of the full architecture. SOPs count accumulations through "
+              "non-zero weights only (per inference, all T steps, test-set mean); MACs are dense; latency is the "
+              "onnxruntime median on this machine (see each run's report.md).", ""]
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated (lower cost and higher accuracy), sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(summary: list[dict], path: Path, title: str) -> None:
+    """Accuracy vs SOPs and vs batch-1 latency (means with std error bars), with the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, key, label in ((axes[0], "sops", "SOPs per inference (non-zero weights)"),
+                           (axes[1], "latency_1", "latency, batch 1 (ms, onnxruntime)")):
+        for m in methods:
+            pts = [s for s in summary if s["method"] == m]
+            ax.errorbar([s[key][0] for s in pts], [100 * s["accuracy"][0] for s in pts],
+                        xerr=[s[key][1] for s in pts], yerr=[100 * s["accuracy"][1] for s in pts],
+                        fmt="o", color=colours[m], label=m, capsize=3)
+        points = [(s[key][0], s["accuracy"][0]) for s in summary]
+        front = pareto_front(points)
+        # hollow rings mark the front, so a one-point front is visible too
+        ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "--o", color="grey",
+                lw=1, ms=13, mfc="none", label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}: accuracy vs cost (mean ± std over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,246 @@
+"""Unstructured (weight-level) pruning during training: criticality-guided GMP, and PQ rewiring.
+
+- ``criticality_unstructured`` (Chen, Liu, You; METHODS.md §2): gradual global magnitude pruning to
+  ``s_t = s_f * (1 - (1 - t/T)^3)``; at each update a share ``1 - r`` of the kept weights is chosen by
+  magnitude and the rest among the pruned weights whose output channel is most critical.
+- ``pq`` (Shen, Xu, Pan, Chen with Diao et al.'s PQ index; METHODS.md §3): sparse from the start
+  (Erdős–Rényi-kernel densities); at each update every scope (a layer, or an output neuron) prunes the
+  fraction set by its PQ index by magnitude and regrows as many by accumulated gradient (RigL-style).
+
+Regrown weights start at 0 (pruned weights are 0, and their optimiser state is reset). Channels whose
+filters end up entirely pruned get their gate closed, so ``slim`` removes them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..recipe import PruneCfg
+from .controller import DynamicPruner
+from .criticality import CriticalityScorer
+from .gates import ChannelGroup, gate_modules, get_masks, set_masks
+from .pq import pq_index, pq_prune_ratio
+from .select import is_update_epoch
+from .weights import (WeightMasks, channel_masks, ensure_rows, er_densities, maskable_layers, pack_masks,
+                      random_masks, round_half_up, unpack_masks)
+
+
+def sparsity_at(cfg: PruneCfg, epoch: int) -> float:
+    """Target sparsity of the update at the end of ``epoch``: ``s_f * (1 - (1 - t/T)^3)``.
+
+    ``t = epoch - warmup_epochs + 1`` update epochs into the ramp (capped at ``T = ramp_epochs``); 0 during warm-up.
+    """
+    if epoch < cfg.warmup_epochs:
+        return 0.0
+    t = min(cfg.ramp_epochs, epoch - cfg.warmup_epochs + 1)
+    return cfg.sparsity * (1.0 - (1.0 - t / cfg.ramp_epochs) ** 3)
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of a 1-D tensor; ties go to the lower index."""
+    return torch.sort(score, descending=True, stable=True).indices[:k]
+
+
+def magnitude_criticality_masks(weights: dict[str, torch.Tensor], criticality: dict[str, torch.Tensor | None],
+                                n_keep: int, regrow_share: float) -> dict[str, torch.Tensor]:
+    """Keep ``n_keep`` weights over all layers: ``n_keep - round_half_up(r * n_keep)`` by global magnitude,
+    then the ``round_half_up(r * n_keep)`` others by the criticality of their output channel.
+
+    ``criticality[layer]`` has one score per output channel (None: no spiking neuron after it, never chosen
+    by criticality while others remain). Among the weights not kept by magnitude, the order is criticality
+    (high first), then ``|w|`` (so a critical channel first gets back its strongest weights), then lower index.
+    """
+    names = list(weights)
+    flat_w = torch.cat([weights[n].detach().abs().flatten().double().cpu() for n in names])
+    crit = torch.cat([
+        (criticality[n].double().view(-1, *[1] * (weights[n].dim() - 1)).expand(weights[n].shape)
+         if criticality.get(n) is not None else torch.full(weights[n].shape, -math.inf, dtype=torch.float64)).flatten()
+        for n in names])
+    n_keep = min(n_keep, flat_w.numel())
+    n_crit = round_half_up(regrow_share * n_keep)
+    keep = torch.zeros(flat_w.numel(), dtype=torch.bool)
+    keep[_top(flat_w, n_keep - n_crit)] = True
+    if n_crit > 0:
+        # lexicographic (criticality, |w|, -index): stable sorts, least significant key first
+        by_w = torch.sort(flat_w, descending=True, stable=True).indices
+        order = by_w[torch.sort(crit[by_w], descending=True, stable=True).indices]
+        order = order[~keep[order]]
+        keep[order[:n_crit]] = True
+    out, offset = {}, 0
+    for n in names:
+        out[n] = keep[offset:offset + weights[n].numel()].view(weights[n].shape).clone()
+        offset += weights[n].numel()
+    return out
+
+
+def pq_rewire(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, cfg: PruneCfg) -> tuple[torch.Tensor, int]:
+    """One PQ rewiring of a layer; returns the new mask and the number of weights rewired.
+
+    For each scope (``cfg.scope``: the whole layer, or each output row), over its ``d`` kept weights:
+    ``ratio = pq_prune_ratio(pq_index(w_kept), d)`` and ``n = min(round_half_up(ratio * d), #pruned in scope)``;
+    the n kept weights of smallest ``|w|`` are pruned and the n previously pruned weights of largest ``|grad|``
+    regrow (ties: lower index). The kept count of every scope is unchanged.
+    """
+    rows = [slice(None)] if cfg.scope == "layer" else list(range(weight.shape[0]))
+    new = mask.clone()
+    rewired = 0
+    for r in rows:
+        w, m, g = weight[r].detach().flatten().double().cpu(), mask[r].flatten().cpu(), grad[r].flatten().double().cpu()
+        d = int(m.sum())
+        if d == 0:
+            continue
+        ratio = pq_prune_ratio(pq_index(w[m], cfg.pq_p, cfg.pq_q), d, cfg.pq_p, cfg.pq_q, cfg.pq_eta, cfg.pq_gamma,
+                               cfg.pq_beta)
+        n = min(round_half_up(ratio * d), int((~m).sum()))
+        if n == 0:
+            continue
+        out = m.clone()
+        out[_top((-w.abs()).masked_fill(~m, -math.inf), n)] = False  # smallest magnitudes among the kept
+        out[_top(g.abs().masked_fill(m, -math.inf), n)] = True  # largest gradients among the previously pruned
+        new[r] = out.view(new[r].shape)
+        rewired += n
+    return new, rewired
+
+
+class WeightPruner:
+    """Owns the weight masks of a gated model while it trains (same protocol as :class:`DynamicPruner`).
+
+    ``after_backward`` accumulates the dense gradient (pq's regrowth signal) and zeroes the pruned
+    weights' gradients; ``after_step`` re-zeroes pruned weights; ``end_epoch`` updates the masks when
+    the schedule says so. The channel gates follow the weight masks (closed iff the filter is empty).
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.groups, self.cfg, self.epochs, self.optimizer = model, groups, cfg, epochs, optimizer
+        self.layers = maskable_layers(model)
+        self.weights = WeightMasks(self.layers)
+        self._gates = gate_modules(model)
+        self._grad = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in self.layers.items()} \
+            if cfg.method == "pq" else {}
+        self.scorer = CriticalityScorer(model, groups, cfg, seed) if cfg.method == "criticality_unstructured" else None
+        self.history: list[dict] = []
+        if cfg.method == "pq":
+            self._set(self._initial_pq_masks(seed))
+        else:
+            self._set(self.weights.cpu())
+
+    def _initial_pq_masks(self, seed: int) -> dict[str, torch.Tensor]:
+        shapes = {n: tuple(m.weight.shape) for n, m in self.layers.items()}
+        density = 1.0 - self.cfg.sparsity
+        dens = er_densities(list(shapes.values()), density) if self.cfg.er_init else [density] * len(shapes)
+        gen = torch.Generator().manual_seed(seed)
+        return random_masks(shapes, dict(zip(shapes, dens)), gen, self.cfg.min_channels)
+
+    def _set(self, masks: dict[str, torch.Tensor]) -> None:
+        self.weights.set(masks)
+        set_masks(self.model, self.groups, channel_masks(self.weights.masks, self.groups))
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Channel masks (the gates), as :class:`DynamicPruner` has them."""
+        return get_masks(self.model, self.groups)
+
+    def kept_fraction(self) -> float:
+        masks = self.masks
+        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+    def connectivity(self) -> float:
+        """Fraction of conv + linear weights kept."""
+        return self.weights.density()
+
+    def at_target(self) -> bool:
+        if self.cfg.method == "pq":
+            return True  # at its sparsity from the start
+        return bool(self.history) and self.history[-1]["sparsity_target"] >= self.cfg.sparsity - 1e-9
+
+    def penalty(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def after_backward(self) -> None:
+        for n, m in self.layers.items():
+            if n in self._grad and m.weight.grad is not None:
+                self._grad[n] += m.weight.grad.detach().double()
+        self.weights.mask_grads()
+        for gate in self._gates.values():  # gates follow the weight masks; their gradient is not used
+            gate.gate.grad = None
+
+    def after_step(self) -> None:
+        self.weights.apply()
+
+    def end_epoch(self, epoch: int) -> dict | None:
+        """Update the weight masks if this epoch ends an update window; return the history entry."""
+        if not is_update_epoch(self.cfg, self.epochs, epoch):
+            return None
+        old = self.weights.cpu()
+        weights = {n: m.weight.detach() for n, m in self.layers.items()}
+        entry: dict = {"epoch": epoch}
+        if self.cfg.method == "pq":
+            new, rewired = {}, 0
+            for n in self.layers:
+                new[n], k = pq_rewire(weights[n], old[n], self._grad[n], self.cfg)
+                rewired += k
+            entry["sparsity_target"] = self.cfg.sparsity
+        else:
+            s_t = sparsity_at(self.cfg, epoch)
+            total = sum(m.numel() for m in old.values())
+            crit = self.scorer.criticality_scores()
+            per_layer: dict[str, torch.Tensor | None] = {n: None for n in self.layers}
+            for g in self.groups:
+                for conv in g.convs:
+                    per_layer[conv] = crit[g.name]
+            new = magnitude_criticality_masks(weights, per_layer, round_half_up((1.0 - s_t) * total),
+                                              self.cfg.weight_regrow)
+            entry["sparsity_target"] = s_t
+        new = {n: ensure_rows(m, weights[n].abs().cpu(), self.cfg.min_channels) for n, m in new.items()}
+        changed = {n: old[n] ^ new[n] for n in new}
+        self._set(new)
+        self.weights.reset_optimizer_state(self.optimizer, changed)
+        if self.scorer is not None:
+            self.scorer.reset()
+        for g in self._grad.values():
+            g.zero_()
+        ch = self.masks
+        entry.update({
+            "connectivity": self.weights.density(),
+            "pruned": sum(int((old[n] & ~new[n]).sum()) for n in new),
+            "regrown": sum(int((~old[n] & new[n]).sum()) for n in new),
+            "kept": {n: int(m.sum()) for n, m in ch.items()},
+            "masks": {n: m.clone() for n, m in ch.items()},
+        })
+        self.history.append(entry)
+        return entry
+
+    def packed_masks(self) -> dict[str, dict]:
+        return pack_masks(self.weights.cpu())
+
+    def state_dict(self) -> dict:
+        """Weight masks (bit-packed), the regrowth accumulators and the criticality window."""
+        return {"weight_masks": self.packed_masks(), "grad": {n: g.cpu().clone() for n, g in self._grad.items()},
+                "scorer": self.scorer.state_dict() if self.scorer is not None else {}}
+
+    def load_state_dict(self, state: dict, masks: dict[str, torch.Tensor], history: list[dict]) -> None:
+        self._set(unpack_masks(state["weight_masks"]))
+        for n, g in self._grad.items():
+            g.copy_(state["grad"][n])
+        if self.scorer is not None:
+            self.scorer.load_state_dict(state["scorer"])
+        self.history = [dict(h) for h in history]
+        if any(not torch.equal(self.masks[g], torch.as_tensor(m, dtype=torch.bool)) for g, m in masks.items()):
+            raise ValueError("channel masks do not follow the weight masks")
+
+    def remove(self) -> None:
+        self.weights.remove()
+        if self.scorer is not None:
+            self.scorer.remove()
+
+
+def make_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
+                optimizer: torch.optim.Optimizer | None = None) -> DynamicPruner | WeightPruner:
+    """The training-time pruner of ``cfg.method``: channel masks, or weight masks."""
+    if cfg.unstructured:
+        return WeightPruner(model, groups, cfg, epochs, seed, optimizer)
+    return DynamicPruner(model, groups, cfg, epochs, seed)

@@ -1,0 +1,96 @@
+"""`snncompress compare`: budget mapping, variant recipes, aggregation, and a real (tiny) compare run."""
+
+import json
+import math
+
+import pytest
+
+from snncompress.compare import pareto_front, summarise, variant_recipe, weight_density_for_keep
+from snncompress.errors import SnnCompressError
+from snncompress.recipe import parse_recipe
+
+from .conftest import TINY, cli, write_recipe
+
+
+def test_weight_density_for_keep_hand():
+    # TINY: vgg [8, 16, M, 16] on 1-channel 8x8 digits, 10 classes, min_channels 1
+    # full: 1*8*9 + 8*16*9 + 16*16*9 + 16*10 = 72 + 1152 + 2304 + 160 = 3688 weights
+    r = parse_recipe(TINY)
+    # keep 0.5: 4, 8, 8 channels -> 1*4*9 + 4*8*9 + 8*8*9 + 8*10 = 36 + 288 + 576 + 80 = 980
+    assert weight_density_for_keep(r, 0.5) == pytest.approx(980 / 3688)
+    # keep 0.1: round_half_up(0.8, 1.6, 1.6) = 1, 2, 2 -> 9 + 18 + 36 + 20 = 83
+    assert weight_density_for_keep(r, 0.1) == pytest.approx(83 / 3688)
+    assert weight_density_for_keep(r, 1.0) == 1.0
+
+
+def test_variant_recipes_map_keep_per_family():
+    base = parse_recipe({**TINY, "prune": {**TINY["prune"], "budget": "pq"}})  # sca, keep 0.5, regrow 0.1
+    v = variant_recipe(base, "random", 0.25, seed=3)
+    assert (v.prune.method, v.prune.keep, v.seed, v.baseline) == ("random", 0.25, 3, False)
+    assert v.prune.regrow == pytest.approx(0.05)  # the recipe's share of the kept channels: 0.1 / 0.5
+    assert v.prune.budget == "pq" and v.name == "tiny-random-keep0.25-seed3"
+    u = variant_recipe(base, "pq", 0.25, seed=0, density=0.2)
+    assert u.prune.sparsity == pytest.approx(0.8) and u.prune.keep == 0.3 and u.prune.budget == "global"
+    assert u.prune.warmup_epochs == base.prune.warmup_epochs and u.prune.min_channels == 1
+    # an unstructured recipe: pq's own fields carry over to pq only; structured variants get the default share
+    pq = parse_recipe({**TINY, "prune": {"method": "pq", "sparsity": 0.9, "scope": "neuron", "pq_eta": 0.001,
+                                         "warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1}})
+    assert variant_recipe(pq, "pq", 0.5, 0, density=0.3).prune.scope == "neuron"
+    c = variant_recipe(pq, "criticality_unstructured", 0.5, 0, density=0.3)
+    assert c.prune.scope == "layer" and c.prune.pq_eta == 0.001 and c.prune.sparsity == pytest.approx(0.7)
+    s = variant_recipe(pq, "sca", 0.5, 0)
+    assert s.prune.sparsity is None and s.prune.regrow == pytest.approx(0.1 / 0.3 * 0.5)
+    with pytest.raises(SnnCompressError, match="unknown method 'magic'"):
+        variant_recipe(base, "magic", 0.5, 0)
+
+
+def test_summary_mean_and_sample_std():
+    def row(method, acc, sops):
+        return {"method": method, "keep": 0.5, "family": "structured", "accuracy": acc, "kept_channels": 0.5,
+                "connectivity": 0.3, "sops": sops, "macs": 10, "params": 100, "latency_ms": {"1": 1.0, "32": 8.0}}
+    s = summarise([row("a", 0.9, 100), row("b", 0.5, 10), row("a", 0.8, 300)])
+    assert [x["method"] for x in s] == ["a", "b"] and s[0]["n"] == 2
+    assert s[0]["accuracy"] == pytest.approx((0.85, math.sqrt(0.005)))  # sample std of (0.9, 0.8)
+    assert s[0]["sops"] == pytest.approx((200, math.sqrt(20000))) and s[1]["accuracy"] == (0.5, 0.0)
+
+
+def test_pareto_front_hand():
+    # (cost, accuracy): b is dominated by a (costlier, less accurate); d by c
+    pts = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.9), (4.0, 0.9), (0.5, 0.1)]
+    assert pareto_front(pts) == [4, 0, 2]
+
+
+def test_compare_command_writes_table_json_and_plot_and_resumes(tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "cmp"
+    res = cli("compare", recipe, "--methods", "random,pq", "--keep", "0.5", "--seeds", "1", "--no-baseline",
+              "-o", out)
+    assert res.returncode == 0, res.stderr + res.stdout
+    result = json.loads((out / "compare.json").read_text())
+    assert [(r["method"], r["keep"], r["seed"]) for r in result["rows"]] == [("random", 0.5, 0), ("pq", 0.5, 0)]
+    assert result["density_for_keep"]["0.5"] == pytest.approx(980 / 3688)
+    rnd, pq = result["rows"]
+    for r in result["rows"]:
+        for key in ("accuracy", "kept_channels", "connectivity", "sops", "macs", "params"):
+            assert isinstance(r[key], (int, float)), key
+        assert set(r["latency_ms"]) == {"1", "32"} and (out / f"{r['method']}-keep0.5-seed0" / "bench.json").is_file()
+    assert rnd["family"] == "structured" and rnd["kept_channels"] == pytest.approx(0.5)
+    assert pq["family"] == "unstructured" and pq["sparsity"] == pytest.approx(1 - 980 / 3688)
+    assert pq["connectivity"] < 0.3 and pq["sops"] < pq["sops_all_weights"]
+    md = (out / "compare.md").read_text()
+    assert "| random | 0.5 | 1 |" in md and "±" in md and "| pq | 0.5 | 1 |" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt_mtime = (out / "pq-keep0.5-seed0" / "train" / "ckpt.pt").stat().st_mtime_ns
+    again = cli("compare", recipe, "--methods", "random,pq", "--keep", "0.5", "--no-baseline", "-o", out)
+    assert again.returncode == 0 and "pq: train: done, skipped" in again.stdout
+    assert (out / "pq-keep0.5-seed0" / "train" / "ckpt.pt").stat().st_mtime_ns == ckpt_mtime
+
+
+@pytest.mark.parametrize("args, msg", [(["--methods", "sca,magic"], "unknown method(s) magic"),
+                                       (["--keep", "0.5,x"], "--keep: expected a comma-separated list"),
+                                       (["--keep", "1.5"], "every keep must be in (0, 1]")])
+def test_compare_refuses_bad_arguments(tmp_path, args, msg):
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    res = cli("compare", recipe, *args, "-o", tmp_path / "c")
+    assert res.returncode == 1 and msg in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "c" / "compare.json").exists()
