@@ -28,7 +28,7 @@ from .artifacts import write_json, write_text
 from .benchmark import BenchSettings, bench, weight_counts
 from .checkpoint import build_model, model_spec
 from .data import encode, load_dataset
-from .errors import SnnCompressError
+from .errors import SnnCompressError, VerificationError
 from .prune.gates import channel_groups
 from .prune.surgery import slim
 from .prune.weights import round_half_up
@@ -138,8 +138,15 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
                 variant = variant_recipe(recipe, method, keep, seed, density)
                 run_dir = out / f"{method}-keep{keep:g}-seed{seed}"
                 log(f"{method} keep {keep:g} seed {seed} -> {run_dir}")
-                report = run_pipeline(variant, run_dir, progress=progress, resume=True,
-                                      log=lambda stage, m=method: log(f"{m}: {stage}"))
+                try:
+                    report = run_pipeline(variant, run_dir, progress=progress, resume=True,
+                                          log=lambda stage, m=method: log(f"{m}: {stage}"))
+                except VerificationError as e:
+                    # one variant that fails verification must not sink a long comparison: record it, go on
+                    log(f"{method}: failed: {e}")
+                    rows.append({"method": method, "keep": keep, "seed": seed, "run_dir": str(run_dir),
+                                 "error": str(e)})
+                    continue
                 rows.append(_row(method, keep, seed, variant, report, run_dir))
     if baseline:
         for seed in seed_list:
@@ -166,9 +173,10 @@ SUMMARY_KEYS = ("accuracy", "kept_channels", "connectivity", "sops", "macs", "pa
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per (method, keep), in row order: ``n`` and ``{key: (mean, std)}`` over the seeds."""
+    """One entry per (method, keep), in row order: ``n`` and ``{key: (mean, std)}`` over the seeds
+    (failed variants, rows with an ``error``, are left out)."""
     groups: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
+    for r in (r for r in rows if "error" not in r):
         groups.setdefault((r["method"], r["keep"]), []).append(r)
     out = []
     for (method, keep), rs in groups.items():
@@ -184,6 +192,7 @@ def _fmt(ms: tuple[float, float], fmt: str, scale: float = 1.0) -> str:
 
 
 def render_compare_markdown(result: dict, summary: list[dict]) -> str:
+    """The mean ± std table, its legend, and the failed variants (if any)."""
     cols = ["method", "keep", "seeds", "accuracy (%)", "kept channels (%)", "connectivity (%)", "SOPs (M)",
             "MACs (M)", "params", "latency b1 (ms)", "latency b32 (ms)"]
     lines = [f"# snncompress compare: {result['recipe']['name']}", "",
@@ -202,6 +211,10 @@ def render_compare_markdown(result: dict, summary: list[dict]) -> str:
               "conv + linear weights over those of the full architecture. SOPs count accumulations through "
               "non-zero weights only (per inference, all T steps, test-set mean); MACs are dense; latency is the "
               "onnxruntime median on this machine (see each run's report.md).", ""]
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:
+        lines += ["Failed variants (left out of the table; rerun to retry):", "",
+                  *(f"- {r['method']} keep {r['keep']:g} seed {r['seed']}: {r['error']}" for r in failed), ""]
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from snncompress.compare import pareto_front, summarise, variant_recipe, weight_density_for_keep
+from snncompress.compare import (pareto_front, render_compare_markdown, summarise, variant_recipe,
+                                  weight_density_for_keep)
 from snncompress.errors import SnnCompressError
 from snncompress.recipe import parse_recipe
 
@@ -52,6 +53,13 @@ def test_summary_mean_and_sample_std():
     assert [x["method"] for x in s] == ["a", "b"] and s[0]["n"] == 2
     assert s[0]["accuracy"] == pytest.approx((0.85, math.sqrt(0.005)))  # sample std of (0.9, 0.8)
     assert s[0]["sops"] == pytest.approx((200, math.sqrt(20000))) and s[1]["accuracy"] == (0.5, 0.0)
+    # a variant that failed (e.g. slim verification) is left out of the statistics and listed under the table
+    failed = {"method": "a", "keep": 0.5, "seed": 7, "run_dir": "x", "error": "slim model differs"}
+    rows = [row("a", 0.9, 100), failed]
+    s = summarise(rows)
+    assert s[0]["n"] == 1 and s[0]["accuracy"] == (0.9, 0.0)
+    md = render_compare_markdown({"recipe": {"name": "r"}, "seeds": [0], "density_for_keep": {}, "rows": rows}, s)
+    assert "| a | 0.5 | 1 | 90.00 ± 0.00 |" in md and "- a keep 0.5 seed 7: slim model differs" in md
 
 
 def test_pareto_front_hand():
