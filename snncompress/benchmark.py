@@ -28,6 +28,7 @@ from .data import encode, eval_batches, load_dataset, to_steps
 from .errors import SnnCompressError
 from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
 from .plots import write_plots
+from .prune.gates import kept_fraction
 from .slimming import count_macs, count_params
 from .training import evaluate
 
@@ -187,7 +188,7 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
     _, accuracy, _ = evaluate(model, data.x_test, data.y_test, T, enc)
     onnx_logits = run_onnx(ort_session(onnx_path, settings.threads), data.x_test, T, enc)
     masks = ckpt["masks"]
-    kept = sum(int(torch.as_tensor(m).sum()) for m in masks.values()) / sum(len(m) for m in masks.values())
+    kept = kept_fraction(masks)
     return {
         "checkpoint": str(ckpt_path), "onnx": str(onnx_path),
         "params": count_params(model),

@@ -9,7 +9,7 @@ from ..distributed import sum_across_ranks
 from ..recipe import PruneCfg
 from .baselines import BNScorer, L1Scorer, RandomScorer
 from .criticality import CriticalityScorer
-from .gates import ChannelGroup, gate_modules, get_masks, set_masks
+from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
 from .sca import ActivityScorer
 from .select import is_update_epoch, keep_fraction_at, pq_budgets, round_masks, select_masks, select_masks_budgeted
 
@@ -40,8 +40,7 @@ class DynamicPruner:
         return get_masks(self.model, self.groups)
 
     def kept_fraction(self) -> float:
-        masks = self.masks
-        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        return kept_fraction(self.masks)
 
     def at_target(self) -> bool:
         """True once the masks have reached the final budget (the best checkpoint is only taken then)."""

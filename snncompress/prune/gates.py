@@ -220,6 +220,11 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     return groups
 
 
+def kept_fraction(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of all channels (over every group) that the masks keep."""
+    return sum(int(torch.as_tensor(m).sum()) for m in masks.values()) / sum(len(m) for m in masks.values())
+
+
 def get_masks(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     gates = gate_modules(model)
     return {g.name: gates[g.gates[0]].mask.clone() for g in groups}

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..recipe import PruneCfg
 from .controller import DynamicPruner
 from .criticality import CriticalityScorer
-from .gates import ChannelGroup, gate_modules, get_masks, set_masks
+from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
 from .pq import pq_index, pq_prune_ratio
 from .select import is_update_epoch
 from .weights import (WeightMasks, channel_masks, ensure_rows, er_densities, maskable_layers, pack_masks,
@@ -145,8 +145,7 @@ class WeightPruner:
         return get_masks(self.model, self.groups)
 
     def kept_fraction(self) -> float:
-        masks = self.masks
-        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        return kept_fraction(self.masks)
 
     def connectivity(self) -> float:
         """Fraction of conv + linear weights kept."""
