@@ -7,25 +7,33 @@
     sc.export_onnx("runs/q/slim.pt", "runs/q/model.onnx")
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .artifacts import load_checkpoint  # noqa: E402
-from .benchmark import BenchSettings, bench  # noqa: E402
-from .checkpoint import load_model  # noqa: E402
-from .compare import compare  # noqa: E402
-from .errors import RecipeError, SnnCompressError, VerificationError  # noqa: E402
-from .export import export_onnx  # noqa: E402
-from .models import create_model, list_models, register_model  # noqa: E402
-from .prune.gates import ChannelGate, ChannelGroup, channel_groups  # noqa: E402
-from .prune.surgery import slim  # noqa: E402
-from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
-from .run import run_pipeline  # noqa: E402
-from .slimming import slim_checkpoint  # noqa: E402
-from .training import evaluate, train  # noqa: E402
+# The public API, imported on first use (PEP 562): `snncompress --help` or a recipe error then
+# answers without importing torch, onnxruntime, scikit-learn and matplotlib.
+_API = {
+    "load_checkpoint": "artifacts", "BenchSettings": "benchmark", "bench": "benchmark",
+    "load_model": "checkpoint", "compare": "compare", "RecipeError": "errors",
+    "SnnCompressError": "errors", "VerificationError": "errors", "export_onnx": "export",
+    "create_model": "models", "list_models": "models", "register_model": "models",
+    "ChannelGate": "prune.gates", "ChannelGroup": "prune.gates", "channel_groups": "prune.gates",
+    "slim": "prune.surgery", "Recipe": "recipe", "load_recipe": "recipe", "parse_recipe": "recipe",
+    "run_pipeline": "run", "slim_checkpoint": "slimming", "evaluate": "training", "train": "training",
+}
+__all__ = sorted(_API)
 
-__all__ = [
-    "BenchSettings", "ChannelGate", "ChannelGroup", "Recipe", "RecipeError", "SnnCompressError",
-    "VerificationError", "bench", "channel_groups", "compare", "create_model", "evaluate", "export_onnx",
-    "list_models", "load_checkpoint", "load_model", "load_recipe", "parse_recipe", "register_model",
-    "run_pipeline", "slim", "slim_checkpoint", "train",
-]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'snncompress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

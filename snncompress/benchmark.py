@@ -27,7 +27,6 @@ from .checkpoint import model_from_checkpoint, recipe_of
 from .data import encode, eval_batches, load_dataset, to_steps
 from .errors import SnnCompressError
 from .export import export_onnx, ort_session, read_onnx_metadata, run_onnx
-from .plots import write_plots
 from .prune.gates import kept_fraction
 from .slimming import count_macs, count_params
 from .training import evaluate
@@ -174,7 +173,7 @@ def _onnx_for(ckpt_path: Path, onnx_path: Path, trust_factory: bool = False) -> 
                 return onnx_path
         except SnnCompressError:
             pass
-    return export_onnx(ckpt_path, onnx_path, trust_factory).path
+    return export_onnx(ckpt_path, onnx_path, trust_factory=trust_factory).path
 
 
 def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust_factory: bool = False) -> dict:
@@ -240,6 +239,8 @@ def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.P
         "models": models,
         "speedup": speedup,
     }
+    from .plots import write_plots  # matplotlib is slow to import; only the report needs it
+
     report["plots"] = write_plots(report, out_dir)
     write_json(report, out_dir / "bench.json")
     write_text(render_markdown(report), out_dir / "report.md")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from ..errors import SnnCompressError
 from ..recipe import DataCfg
@@ -48,6 +47,8 @@ def _mnist5k(cfg: DataCfg):
 
 
 def _split(x: np.ndarray, y: np.ndarray, cfg: DataCfg, seed: int):
+    from sklearn.model_selection import train_test_split  # slow to import; only the split needs it
+
     return train_test_split(x, y, test_size=cfg.test_fraction, random_state=seed, stratify=y)
 
 
