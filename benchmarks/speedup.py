@@ -80,7 +80,7 @@ def build_pair(model_name: str, keep: float, round_to: int, seed: int = 0):
 
 def measure(model_name: str, keep: float, batches: list[int], threads_list: list[int], repeats: int,
             round_to: int, gemm: dict[int, float], fold_bn: bool = False, lean: bool = True,
-            ort_level: str = "all") -> list[dict]:
+            ort_level: str = "all", order: str = "step") -> list[dict]:
     dense, slim = build_pair(model_name, keep, round_to)
     if fold_bn:
         for m in (dense, slim):
@@ -90,10 +90,10 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
             "slim": count_macs(slim, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1))}
     protos = {}
     for k, m in (("dense", dense), ("slim", slim)):
-        exported = copy.deepcopy(UnrolledSNN(m, T).eval())
+        net = copy.deepcopy(m)
         if lean:
-            lean_neurons(exported)
-        protos[k] = _to_onnx(exported, torch.randn(2, *SHAPE))
+            lean_neurons(net)
+        protos[k] = _to_onnx(UnrolledSNN(net, T, order=order).eval(), torch.randn(2, *SHAPE))
     rows = []
     for threads in threads_list:
         sessions = {k: ort_session(p.SerializeToString(), threads, ort_level) for k, p in protos.items()}
@@ -113,7 +113,7 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
                 eager_ms[k] = time_call(call, 2, max(5, repeats // 2))
             slim_s = ort_ms["slim"]["median"] / 1e3
             rows.append({
-                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean, "ort_level": ort_level, "batch": b, "threads": threads,
+                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean, "ort_level": ort_level, "order": order, "batch": b, "threads": threads,
                 "dense_macs": macs["dense"], "slim_macs": macs["slim"],
                 "ideal": macs["dense"] / macs["slim"],
                 "achieved": ort_ms["dense"]["median"] / ort_ms["slim"]["median"],
@@ -135,10 +135,10 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {m['processor']}, {m['cpu_count']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
              f"fp32 GEMM (onnxruntime MatMul 2048²): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GMAC/s" for t, v in result["gemm_macs_per_s"].items())
              + f"; {result['repeats']} timed runs (median); onnxruntime graph optimisation: {result['rows'][0]['ort_level']}.", "",
-             "| model | keep | round to | BN folded | lean neurons | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | keep | round to | BN folded | lean neurons | unroll | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
+        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['order']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
                      f"{r['achieved'] / r['ideal']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['ort_vs_eager']['slim']:.1f}× |")
     return "\n".join(lines) + "\n"
 
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1, help="round kept channels up to a multiple of this")
     ap.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convs before export")
     ap.add_argument("--sj-neurons", action="store_true", help="export spikingjelly's neuron ops, not the lean form")
+    ap.add_argument("--order", choices=["step", "layer"], default="step", help="how the time steps are unrolled")
     ap.add_argument("--ort-level", choices=["disable", "basic", "extended", "all"], default="all",
                     help="onnxruntime graph-optimisation level")
     args = ap.parse_args()
@@ -161,7 +162,7 @@ def main() -> None:
         models, keeps, batches, threads = list(MODELS), [0.75, 0.5, 0.25, 0.1], [1, 32], sorted({1, cores})
     gemm = {t: gemm_macs_per_s(t) for t in threads}
     rows = [r for name in models for keep in keeps
-            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn, not args.sj_neurons, args.ort_level)]
+            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn, not args.sj_neurons, args.ort_level, args.order)]
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": cores,
                           "platform": platform.platform(), "torch": torch.__version__,
                           "onnxruntime": __import__("onnxruntime").__version__},

@@ -19,8 +19,10 @@ def test_lean_lif_spikes_are_bitwise_spikingjellys(kw):
     x = torch.randn(6, 32, 4, 5, 5) * 2
     ref = node(x)
     functional.reset_net(node)
-    got = LeanNeuron(node)(x)
-    assert torch.equal(ref, got) and ref.sum() > 0
+    lean = LeanNeuron(node)
+    assert torch.equal(ref, lean(x)) and ref.sum() > 0
+    lean.step_mode = "s"  # one call per step, the membrane potential carried between calls
+    assert torch.equal(ref, torch.stack([lean(x_t) for x_t in x]))
 
 
 def test_lean_if_and_gated_neuron():
@@ -60,3 +62,28 @@ def test_fold_batchnorm_finds_every_conv_bn_pair():
     bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert fold_batchnorm(model, example) == bns > 0
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name,encoding", [("resnet20", "direct"), ("vgg", "poisson")])
+def test_step_unrolled_graph_has_no_per_layer_split_and_the_same_logits(name, encoding):
+    torch.manual_seed(0)
+    kw = {"width": 0.125} if name == "resnet20" else {"layers": [8, "M", 16]}
+    model = sc.create_model(name, in_channels=3, num_classes=10, **kw)
+    attach_gates(model, torch.zeros(2, 2, 3, 8, 8))
+    model.eval()
+    x = torch.randn(5, 3, 8, 8) * 3 if encoding == "direct" else (torch.rand(5, 2, 3, 8, 8) < 0.4).float()
+    with torch.no_grad():
+        ref = UnrolledSNN(model, 2, encoding)(x).numpy()
+    ops = {}
+    for order in ("step", "layer"):
+        net = copy.deepcopy(model)
+        lean_neurons(net)
+        proto = _to_onnx(UnrolledSNN(net, 2, encoding, order).eval(), x[:2])
+        ops[order] = [n.op_type for n in proto.graph.node]
+        sess = ort_session(proto.SerializeToString())
+        assert (sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] == ref).all(), order
+    # layer order splits every neuron's input into steps and concatenates the spikes again
+    assert ops["layer"].count("Split") >= 2 and ops["layer"].count("Concat") >= 2
+    assert ops["step"].count("Concat") <= 1 and ops["step"].count("Split") <= (encoding != "direct")
+    with pytest.raises(ValueError, match="allowed: step, layer"):
+        UnrolledSNN(model, 2, encoding, "time")
