@@ -44,6 +44,11 @@ def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = Non
         model = build_factory_model(spec["factory"], dict(spec["kwargs"]), example, num_classes, trust_factory)
     else:
         model = create_model(spec["name"], **spec["kwargs"])
+        try:  # the first forward: a built-in model that cannot take this input says so in one line
+            return attach_gates(model, example)
+        except RuntimeError as e:
+            raise SnnCompressError(f"model {spec['name']!r} cannot take inputs of shape {list(example.shape[2:])} "
+                                   f"({str(e).splitlines()[0]})") from e
     return attach_gates(model, example)
 
 

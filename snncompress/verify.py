@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,17 @@ class Equivalence:
     max_abs_diff: float
     same_predictions: bool
     first_bad_layer: str | None = None
+    float64: Equivalence | None = None  # the float64 re-check, run where float32 disagrees
+
+    @property
+    def exact(self) -> bool:
+        """Same predictions and logits within :data:`TOLERANCE`."""
+        return self.same_predictions and self.max_abs_diff <= TOLERANCE
 
     @property
     def ok(self) -> bool:
-        return self.same_predictions and self.max_abs_diff <= TOLERANCE
+        """Exact in float32, or, where float32 rounding flipped a spike, exact in float64."""
+        return self.exact or (self.float64 is not None and self.float64.exact)
 
 
 def _neuron_outputs(model: nn.Module, x_seq: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -41,11 +49,15 @@ def _neuron_outputs(model: nn.Module, x_seq: torch.Tensor) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, T: int, encoding: str,
-                   kept: dict[str, torch.Tensor] | None = None, batch_size: int = 256) -> Equivalence:
+                   kept: dict[str, torch.Tensor] | None = None, batch_size: int = 256,
+                   recheck_float64: bool = True) -> Equivalence:
     """Compare logits of ``candidate`` against ``reference`` on images ``x``.
 
     ``kept`` maps a neuron name to the reference channels the candidate still has, so that on a
-    mismatch the first neuron whose spikes differ can be named.
+    mismatch the first neuron whose spikes differ can be named. Where float32 disagrees and
+    ``recheck_float64``, both models are compared again in float64 (on copies): removing channels
+    changes the order of a conv's sums, and in float32 that can flip a spike whose membrane
+    potential sits exactly at the threshold; a correct rewrite agrees in float64, a wrong one does not.
     """
     reference.eval()
     candidate.eval()
@@ -58,7 +70,11 @@ def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, 
         same &= bool((ref.argmax(1) == out.argmax(1)).all())
         if bad is None and (not same or worst > TOLERANCE):
             bad = _first_differing(ref_spikes, out_spikes, kept or {})
-    return Equivalence(len(x), worst, same, bad if not (same and worst <= TOLERANCE) else None)
+    eq = Equivalence(len(x), worst, same, bad if not (same and worst <= TOLERANCE) else None)
+    if not eq.exact and recheck_float64 and x.dtype == torch.float32:
+        eq.float64 = compare_models(copy.deepcopy(reference).double(), copy.deepcopy(candidate).double(),
+                                    x.double(), T, encoding, kept, batch_size, recheck_float64=False)
+    return eq
 
 
 def _first_differing(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor],

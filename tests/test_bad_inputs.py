@@ -157,3 +157,18 @@ def test_full_disk_fails_cleanly_and_keeps_the_old_checkpoint(run_dir, tmp_path)
         assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_model_too_deep_for_the_input_size(tmp_path):
+    from .conftest import TINY, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "model": {"name": "vgg16", "width": 0.125}})
+    _assert_clean_failure(cli("train", recipe, "--out", tmp_path / "out"), "model 'vgg16' cannot take inputs of shape [1, 8, 8]")
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_unknown_option_is_a_usage_error():
+    res = cli("export", "x.pt", "--onnx", "--unroll", "sideways")
+    assert res.returncode == 1 and "--unroll 'sideways': allowed step, layer" in res.stderr
+    res = cli("slim", "--bogus")
+    assert res.returncode == 2 and "No such option: --bogus" in res.stderr and "Traceback" not in res.stderr

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from spikingjelly.activation_based import functional
+from spikingjelly.activation_based import functional, neuron
 
 import snncompress as sc
 from snncompress.prune.gates import attach_gates, set_masks
@@ -100,3 +100,32 @@ def test_slim_equals_masked_with_a_spatial_readout():
     slim = sc.slim(model, keep, x[:2])
     assert slim.classifier.in_features == int(keep["features.conv2.conv"].sum()) * 4
     assert compare_models(model, slim, x, T=4, encoding="direct").ok
+
+
+class _HandSummed(torch.nn.Module):
+    """h = (x0*w0 + x1*w1) + x2*w2 with the channels taken in ``order``, then an IF neuron whose
+    threshold 1 + 2^-23 the exact sum hits: float32 rounding of the sum depends on the order."""
+
+    def __init__(self, order, w=(1.0, 2.0 ** -24, 2.0 ** -24)):
+        super().__init__()
+        self.order, self.w = order, w
+        self.sn = neuron.IFNode(v_threshold=1.0 + 2.0 ** -23, step_mode="m")
+        self.fc = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x_seq):  # [T, B, 3, 1, 1] -> [B, 2]
+        a, b, c = (x_seq[:, :, i, 0, 0] * self.w[i] for i in self.order)
+        return self.fc(self.sn(((a + b) + c).unsqueeze(-1))).mean(0)
+
+
+def test_float32_rounding_flip_is_rechecked_in_float64_and_a_real_difference_is_not_excused():
+    x = torch.ones(4, 3, 1, 1)
+    flipped = compare_models(_HandSummed((0, 1, 2)), _HandSummed((1, 2, 0)), x, T=2, encoding="direct")
+    assert not flipped.exact and flipped.max_abs_diff > 0.1  # float32: a spike flipped
+    assert flipped.float64.exact and flipped.float64.max_abs_diff == 0 and flipped.ok
+    # a weight changed by 2^-30: rounds to the same float32 spikes as the flip above, not in float64
+    wrong = _HandSummed((1, 2, 0), w=(1.0, 2.0 ** -24, 2.0 ** -24 - 2.0 ** -30))
+    eq = compare_models(_HandSummed((0, 1, 2)), wrong, x, T=2, encoding="direct")
+    assert not eq.exact and not eq.float64.exact and not eq.ok
