@@ -6,6 +6,7 @@ accuracy in PyTorch and onnxruntime, and onnxruntime latency at batch 1 and 32.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -20,6 +21,7 @@ from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.neuron import BaseNode
 from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
 from spikingjelly.activation_based.op_counter.ac import _spike_nnz
+from spikingjelly.activation_based.op_counter.mac import _is_spike
 
 from . import __version__
 from .artifacts import load_checkpoint, sha256, write_json, write_text
@@ -90,6 +92,31 @@ class NonzeroSynOpCounter(SynOpCounter):
         })
 
 
+def _nz_mac_convolution(args, kwargs, out) -> int:
+    x, w, transposed = args[0], args[1], args[6]
+    if _is_spike(x) or _is_spike(w):
+        return 0
+    return int(w.count_nonzero()) * math.prod(x.shape[2:] if transposed else out.shape[2:]) * x.shape[0]
+
+
+def _nz_mac_mm(x: torch.Tensor, w: torch.Tensor) -> int:
+    return 0 if _is_spike(x) or _is_spike(w) else int(w.count_nonzero()) * x.shape[0]
+
+
+class NonzeroMACCounter(MACCounter):
+    """spikingjelly's :class:`MACCounter` (MACs on analog, non-spike inputs) restricted to non-zero
+    weights: a conv makes ``nonzero(W) x output positions`` multiply-accumulates (border taps counted as
+    MACCounter counts them), a linear layer ``nonzero(W) x rows``. With no zero weight the two agree."""
+
+    def __init__(self, extra_ignore_modules: list[type[nn.Module]] | None = None):
+        super().__init__(extra_ignore_modules=extra_ignore_modules)
+        self.rules.update({
+            torch.ops.aten.convolution.default: _nz_mac_convolution,
+            torch.ops.aten.mm.default: lambda args, kwargs, out: _nz_mac_mm(args[0], args[1]),
+            torch.ops.aten.addmm.default: lambda args, kwargs, out: _nz_mac_mm(args[1], args[2]),
+        })
+
+
 def weight_counts(model: nn.Module) -> dict:
     """Conv + linear weights: total, non-zero, and ``connectivity`` = non-zero / total."""
     ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -105,7 +132,7 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
     firing rate of every spiking neuron.
     """
     synops, macs = SynOpCounter(), MACCounter(extra_ignore_modules=[nn.BatchNorm2d])  # BN folds at deployment
-    effective = NonzeroSynOpCounter()
+    effective, macs_nz = NonzeroSynOpCounter(), NonzeroMACCounter(extra_ignore_modules=[nn.BatchNorm2d])
     fired: dict[str, float] = {}
     seen: dict[str, int] = {}
 
@@ -119,7 +146,7 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
     model.eval()
     try:
         for inp in eval_batches(x, T, encoding, batch_size):
-            with DispatchCounterMode([synops, macs, effective]):
+            with DispatchCounterMode([synops, macs, effective, macs_nz]):
                 model(to_steps(inp, T, encoding))
             functional.reset_net(model)
     finally:
@@ -127,14 +154,15 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
             h.remove()
     n = len(x)
     sops, analog, sops_nz = synops.get_total() / n, macs.get_total() / n, effective.get_total() / n
+    analog_nz = macs_nz.get_total() / n
     # op_counter scopes are "<RootClass>.<module name>"
     root = type(model).__name__ + "."
     counts = {k.removeprefix(root): sum(v.values()) for k, v in synops.get_counts().items()}
     layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return {"sops": sops, "sops_effective": sops_nz, "macs_analog": analog,
+    return {"sops": sops, "sops_effective": sops_nz, "macs_analog": analog, "macs_analog_effective": analog_nz,
             "firing_rate": sum(fired.values()) / max(1, sum(seen.values())),
             "energy_uj": (analog * PJ_PER_MAC + sops * PJ_PER_AC) * 1e-6,
-            "energy_uj_effective": (analog * PJ_PER_MAC + sops_nz * PJ_PER_AC) * 1e-6,
+            "energy_uj_effective": (analog_nz * PJ_PER_MAC + sops_nz * PJ_PER_AC) * 1e-6,
             "per_layer": {"sops": {name: counts.get(name, 0) / n for name in layers},
                           "firing_rate": {name: fired[name] / max(1, seen[name]) for name in fired}}}
 
@@ -231,7 +259,9 @@ def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.P
                      "batches": list(BATCHES), "pj_per_mac": PJ_PER_MAC, "pj_per_ac": PJ_PER_AC,
                      "execution_provider": "CPUExecutionProvider", "graph_optimization": "ORT_ENABLE_ALL"},
         "units": {"params": "count", "macs": "dense multiply-accumulates per inference (all T steps)",
-                  "macs_analog": "MACs on non-spike inputs per inference", "sops": "synaptic operations per inference",
+                  "macs_analog": "MACs on non-spike inputs per inference",
+                  "macs_analog_effective": "MACs on non-spike inputs through non-zero weights per inference",
+                  "sops": "synaptic operations per inference",
                   "sops_effective": "synaptic operations through non-zero weights per inference",
                   "connectivity": "fraction of conv + linear weights that are non-zero",
                   "energy_uj": "microjoules per inference", "latency_ms": "milliseconds per batch",

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpCounter
+from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
 
 import snncompress
-from snncompress.benchmark import NonzeroSynOpCounter, weight_counts
+from snncompress.benchmark import NonzeroMACCounter, NonzeroSynOpCounter, weight_counts
 from snncompress.errors import RecipeError
 from snncompress.prune.gates import ChannelGroup
 from snncompress.prune.pq import pq_index
@@ -212,6 +212,12 @@ def test_nonzero_synops_hand_counts():
             module(inp)
         assert (a.get_total(), b.get_total()) == (dense, effective)
     assert weight_counts(lin) == {"weights": 6, "nonzero_weights": 3, "connectivity": 0.5}
+    # analog input (the first layer): MACCounter counts 9 taps x 9 positions; 4 non-zero taps x 9 effective
+    a, b = MACCounter(), NonzeroMACCounter()
+    with torch.no_grad(), DispatchCounterMode([a, b]):
+        conv(torch.randn(1, 1, 3, 3))
+        lin(torch.randn(1, 3))
+    assert (a.get_total(), b.get_total()) == (81 + 6, 36 + 3)
 
 
 def test_nonzero_synops_equal_spikingjelly_without_zero_weights():
