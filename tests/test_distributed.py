@@ -315,3 +315,17 @@ def test_a_failing_rank_stops_the_job_without_a_hang(tmp_path, jobs):
     assert job.wait(timeout=90) != 0
     assert "rank 1 fails before the collective" in job.output()
     assert time.monotonic() - t0 < 60 and job.survivors() == []
+
+
+@pytest.mark.parametrize("method", ["criticality_unstructured", "pq"])
+def test_unstructured_methods_agree_on_weight_masks_across_processes(method, tmp_path, jobs):
+    # criticality is gathered per process from its own shard: without the all-reduce the ranks
+    # would rank different weights and the mask check would stop the job
+    recipe = write_recipe(tmp_path / "u.yaml", {**DDP, "train": {**DDP["train"], "epochs": 4}, "prune": {
+        "method": method, "sparsity": 0.8, "warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1}})
+    job = torchrun(jobs, tmp_path / "log.txt", "train", recipe, "--out", tmp_path / "out")
+    assert job.wait() == 0, job.output()
+    logs = _mask_logs(job.output())
+    assert sorted(logs) == [0, 1] and logs[0] == logs[1] and len(logs[0]) >= 2, job.output()
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["weight_masks"] and ckpt["metrics"]["connectivity"] < 0.5

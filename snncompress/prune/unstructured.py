@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..distributed import sum_across_ranks
 from ..recipe import PruneCfg
 from .controller import DynamicPruner
 from .criticality import CriticalityScorer
@@ -186,6 +187,9 @@ class WeightPruner:
         else:
             s_t = sparsity_at(self.cfg, epoch)
             total = sum(m.numel() for m in old.values())
+            # under torchrun: the criticality window summed over all ranks, so all pick the same masks
+            # (pq needs no reduction: its gradient sums are of DDP's already-averaged gradients)
+            sum_across_ranks(self.scorer.accumulators())
             crit = self.scorer.criticality_scores()
             per_layer: dict[str, torch.Tensor | None] = {n: None for n in self.layers}
             for g in self.groups:
@@ -212,6 +216,10 @@ class WeightPruner:
         })
         self.history.append(entry)
         return entry
+
+    def all_masks(self) -> dict[str, torch.Tensor]:
+        """Channel and weight masks together (what every rank must agree on)."""
+        return {**self.masks, **{f"weights:{n}": m for n, m in self.weights.cpu().items()}}
 
     def packed_masks(self) -> dict[str, dict]:
         return pack_masks(self.weights.cpu())

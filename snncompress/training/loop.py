@@ -130,9 +130,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     opt = make_optimizer(model, recipe.train)
     # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
     pruner = make_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt) if recipe.prune else None
-    if multi and isinstance(pruner, WeightPruner):  # their statistics are not all-reduced: masks could diverge
-        raise SnnCompressError(f"prune.method: {recipe.prune.method} (unstructured) is not supported under torchrun "
-                               "yet; train it in one process")
+    # the statistics a pruner gathers per process (pq gathers none: it reads DDP's averaged gradients)
+    accumulators = pruner.scorer.accumulators() if pruner is not None and pruner.scorer is not None else []
     epochs = recipe.train.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
@@ -151,8 +150,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     start, best_acc, metrics = 0, -1.0, []
     if resume and ckpt_path.exists():
         start, best_acc, metrics = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path)
-        if pruner and rank != 0:  # the checkpoint holds the sums over all ranks: rank 0 takes them
-            for acc in pruner.scorer.accumulators():
+        if rank != 0:  # the checkpoint holds the sums over all ranks: rank 0 takes them
+            for acc in accumulators:
                 acc.reset()
     if multi:
         distributed.check_agree(str(start), "the epoch to start from",
@@ -197,7 +196,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             loss_sum, correct, seen = distributed.sum_numbers(loss_sum, correct, seen)
             event = pruner.end_epoch(epoch) if pruner else None
             if event is not None:
-                event["mask_sha256"] = distributed.check_masks_agree(pruner.masks, epoch)
+                agreed = pruner.all_masks() if isinstance(pruner, WeightPruner) else pruner.masks
+                event["mask_sha256"] = distributed.check_masks_agree(agreed, epoch)
             if multi:
                 distributed.broadcast_buffers(model)
                 test_loss, test_acc = evaluate_sharded(model, data.x_test, data.y_test, T, enc)
@@ -217,8 +217,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             eligible = pruner is None or pruner.at_target()
             improved = eligible and test_acc > best_acc
             best_acc = test_acc if improved else best_acc
-            if pruner and multi:  # the checkpoint (rank 0's) must hold every rank's statistics
-                distributed.gather_on_main(pruner.scorer.accumulators())
+            if multi:  # the checkpoint (rank 0's) must hold every rank's statistics
+                distributed.gather_on_main(accumulators)
             save = (epoch + 1) % every == 0 or epoch == epochs - 1
             if main:  # the other ranks never write, so no file is ever half-written by two processes
                 ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
