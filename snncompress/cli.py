@@ -95,23 +95,23 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
                                                                            "instead of the leaner, equivalent form"),
                int8: bool = typer.Option(False, "--int8", help="Also write OUT.int8.onnx with int8 weights "
                                                                "(spike inputs stay exact) and report its accuracy"),
-               unroll: str = typer.Option("step", "--unroll", help="step: the whole network once per time step "
+               unroll: str = typer.Option("auto", "--unroll", help="step: the whole network once per time step "
                                                                    "(faster at large batch); layer: each layer over "
-                                                                   "all steps, as trained")) -> None:
+                                                                   "all steps, as trained; auto: step, else layer")) -> None:
     """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime."""
     from .errors import SnnCompressError
     from .export import UNROLL_ORDERS, export_onnx
 
     if not onnx:
         raise SnnCompressError("choose an export format: --onnx")
-    if unroll not in UNROLL_ORDERS:
-        raise SnnCompressError(f"--unroll {unroll!r}: allowed {', '.join(UNROLL_ORDERS)}")
+    if unroll not in ("auto", *UNROLL_ORDERS):
+        raise SnnCompressError(f"--unroll {unroll!r}: allowed auto, {', '.join(UNROLL_ORDERS)}")
     r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, int8=int8, order=unroll,
                     trust_factory=_state["trust_factory"])
     if r.fold_agreement is not None:
         console.print(f"BatchNorm folded: {r.fold_agreement:.2%} of test predictions unchanged by the fold")
     console.print(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
-                  f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes; wrote {r.path}")
+                  f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes, unrolled by {r.order}; wrote {r.path}")
     if r.int8:
         q = r.int8
         console.print(f"int8 weights: accuracy {q['accuracy_fp32']:.2%} -> {q['accuracy_int8']:.2%} "

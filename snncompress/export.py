@@ -73,6 +73,7 @@ class ExportResult:
     n_samples: int
     max_abs_diff: float  # onnxruntime vs the exported PyTorch model
     nodes: int
+    order: str  # how the time steps were unrolled: step or layer
     fold_agreement: float | None = None  # with fold_bn: share of test predictions unchanged by the fold
     int8: dict | None = None  # with int8: {path, accuracy_fp32, accuracy_int8, agreement}
 
@@ -258,15 +259,17 @@ def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
 
 
 def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, fold_bn: bool = False,
-                lean: bool = True, int8: bool = False, order: str = "step", trust_factory: bool = False) -> ExportResult:
+                lean: bool = True, int8: bool = False, order: str = "auto", trust_factory: bool = False) -> ExportResult:
     """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
 
     onnxruntime must give the same predictions as PyTorch and max |Δlogit| ≤ 1e-4, else
     :class:`VerificationError` and nothing is written. ``fold_bn`` folds BatchNorms into their convs
     first (fewer, cheaper ops; the result reports how many test predictions the fold left unchanged).
     ``lean`` exports IF/LIF neurons as :class:`LeanNeuron` (about half the ONNX ops per step, same
-    spikes); ``order`` is how the time steps are unrolled (see :class:`UnrolledSNN`); the
-    verification always compares with the original spikingjelly model. ``int8`` also
+    spikes); ``order`` is how the time steps are unrolled (see :class:`UnrolledSNN`): ``auto``
+    takes ``step`` and falls back to ``layer`` where the step-unrolled graph fails (a model whose
+    readout is not the mean over the steps). The verification always compares with the original
+    spikingjelly model. ``int8`` also
     writes ``<out>.int8.onnx`` (int8 weights, see :func:`quantize_int8`) and reports its accuracy.
     ``trust_factory``: see :func:`snncompress.load_model`.
     """
@@ -287,14 +290,18 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
         after = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
         fold_agreement = float((before == after).float().mean())
     wrapper = UnrolledSNN(model, T, enc).eval()  # the reference: the model as trained
-    net = copy.deepcopy(model)
-    if lean:
-        lean_neurons(net)
-    exported = UnrolledSNN(net, T, enc, order).eval()
+    with torch.no_grad():
+        reference = torch.cat([wrapper(inp) for inp in eval_batches(data.x_test, T, enc)]).numpy()
+    example = graph_input(data.x_test[:2], T, enc)
     try:
-        proto = _to_onnx(exported, graph_input(data.x_test[:2], T, enc))
-    except Exception as e:  # the exporter raises many types; report it on one line
-        raise SnnCompressError(f"{ckpt_path}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        used = "step" if order == "auto" else order
+        proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
+    except SnnCompressError:
+        if order != "auto":
+            raise
+        # a user model whose readout is not the mean over steps cannot be unrolled step by step
+        used = "layer"
+        proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
     direct = meta["encoding"] == "direct"
     props = {"format": ONNX_FORMAT, "snncompress_version": __version__, "T": str(meta["T"]),
              "encoding": meta["encoding"],
@@ -304,17 +311,8 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
              "normalisation": json.dumps({"mean": meta["mean"], "std": meta["std"], "formula": "(x - mean) / std"}),
              "classes": json.dumps(meta["classes"]), "source_checkpoint": ckpt_path.name,
              "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": str(fold_bn),
-             "lean_neurons": str(lean), "unroll_order": order}
+             "lean_neurons": str(lean), "unroll_order": used}
     onnx.helper.set_model_props(proto, props)
-
-    with torch.no_grad():
-        reference = torch.cat([wrapper(inp) for inp in eval_batches(data.x_test, T, enc)]).numpy()
-    got = run_onnx(ort_session(proto.SerializeToString()), data.x_test, T, enc)
-    diff = float(np.abs(got - reference).max())
-    same = bool((got.argmax(1) == reference.argmax(1)).all())
-    if not same or diff > TOLERANCE:
-        raise VerificationError(f"onnxruntime disagrees with PyTorch (max |Δlogit| {diff:.3g}, "
-                                f"same predictions: {same}); nothing written")
     with atomic_path(out_path) as tmp:
         onnx.save(proto, str(tmp))
     quantized = None
@@ -327,7 +325,27 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
         quantized = {"path": str(q_path), "accuracy_fp32": float((got.argmax(1) == y).mean()),
                      "accuracy_int8": float((q_logits.argmax(1) == y).mean()),
                      "agreement": float((q_logits.argmax(1) == got.argmax(1)).mean())}
-    return ExportResult(out_path, len(got), diff, len(proto.graph.node), fold_agreement, quantized)
+    return ExportResult(out_path, len(got), diff, len(proto.graph.node), used, fold_agreement, quantized)
+
+
+def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndarray, x: torch.Tensor, T: int,
+                     encoding: str, lean: bool, order: str, source: Path) -> tuple[onnx.ModelProto, np.ndarray, float]:
+    """(ONNX model, its logits on ``x``, max |Δlogit| against ``reference``) or an error."""
+    net = copy.deepcopy(model)
+    if lean:
+        lean_neurons(net)
+    try:
+        proto = _to_onnx(UnrolledSNN(net, T, encoding, order).eval(), example)
+    except Exception as e:  # the exporter raises many types; report it on one line
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise SnnCompressError(f"{source}: ONNX export failed ({type(e).__name__}: {msg})") from e
+    got = run_onnx(ort_session(proto.SerializeToString()), x, T, encoding)
+    diff = float(np.abs(got - reference).max())
+    same = bool((got.argmax(1) == reference.argmax(1)).all())
+    if not same or diff > TOLERANCE:
+        raise VerificationError(f"onnxruntime disagrees with PyTorch (max |Δlogit| {diff:.3g}, same predictions: "
+                                f"{same}, unrolled by {order}); nothing written")
+    return proto, got, diff
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -169,6 +169,6 @@ def test_model_too_deep_for_the_input_size(tmp_path):
 
 def test_unknown_option_is_a_usage_error():
     res = cli("export", "x.pt", "--onnx", "--unroll", "sideways")
-    assert res.returncode == 1 and "--unroll 'sideways': allowed step, layer" in res.stderr
+    assert res.returncode == 1 and "--unroll 'sideways': allowed auto, step, layer" in res.stderr
     res = cli("slim", "--bogus")
     assert res.returncode == 2 and "No such option: --bogus" in res.stderr and "Traceback" not in res.stderr

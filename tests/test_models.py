@@ -11,7 +11,7 @@ from spikingjelly.activation_based.neuron import BaseNode
 
 import snncompress as sc
 from snncompress.checkpoint import build_model
-from snncompress.export import UnrolledSNN, _to_onnx, ort_session
+from snncompress.export import UnrolledSNN, _to_onnx, ort_session, read_onnx_metadata
 from snncompress.models import FactoryError, registry
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.recipe import parse_recipe
@@ -335,3 +335,17 @@ def test_train_resnet20_with_pruning_and_slim(tmp_path):
     assert masks["stem.conv"].numel() == 4 and len(masks) == 12
     slim = sc.slim_checkpoint(res.ckpt, tmp_path / "slim.pt")
     assert slim.equivalence.ok and slim.params[1] < slim.params[0]
+
+
+def test_export_falls_back_to_layer_order_for_a_readout_that_is_not_the_mean(tmp_path):
+    from snncompress.errors import VerificationError
+
+    recipe = parse_recipe({**TINY, "model": {"factory": f"{USER}:summed_readout"}, "prune": None,
+                           "train": {"epochs": 1}})
+    ckpt = sc.train(recipe, tmp_path, progress=False).ckpt
+    r = sc.export_onnx(ckpt, tmp_path / "auto.onnx")
+    assert r.order == "layer" and r.max_abs_diff <= 1e-4
+    assert read_onnx_metadata(r.path)["unroll_order"] == "layer"
+    with pytest.raises(VerificationError, match="unrolled by step"):
+        sc.export_onnx(ckpt, tmp_path / "step.onnx", order="step")
+    assert not (tmp_path / "step.onnx").exists()

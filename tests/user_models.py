@@ -67,3 +67,14 @@ def analog_head(in_channels: int, num_classes: int) -> SmallSNN:
     model = SmallSNN(in_channels, num_classes)
     model.body[6] = nn.Identity()
     return model
+
+
+def summed_readout(in_channels: int, num_classes: int) -> SmallSNN:
+    """Sums the readout over the time steps instead of averaging it."""
+
+    class Summed(SmallSNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.readout(self.body(x))
+            return y.sum(0) if y.dim() == 3 else y
+
+    return Summed(in_channels, num_classes)
