@@ -126,7 +126,7 @@ def weight_counts(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_size: int = 128) -> dict:
+def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_size: int = 32) -> dict:
     """SOPs (all weights, and through non-zero weights only) and analog MACs per inference (op_counter),
     and firing rates, over samples ``x``. Also per layer: SOPs of every conv/linear layer and the
     firing rate of every spiking neuron.

@@ -10,7 +10,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.neuron import BaseNode
 
-from .data import eval_batches, to_steps
+from .data import EVAL_BATCH, eval_batches, to_steps
 
 TOLERANCE = 1e-4
 
@@ -49,7 +49,7 @@ def _neuron_outputs(model: nn.Module, x_seq: torch.Tensor) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, T: int, encoding: str,
-                   kept: dict[str, torch.Tensor] | None = None, batch_size: int = 256,
+                   kept: dict[str, torch.Tensor] | None = None, batch_size: int = EVAL_BATCH,
                    recheck_float64: bool = True) -> Equivalence:
     """Compare logits of ``candidate`` against ``reference`` on images ``x``.
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
 from ..checkpoint import build_model, model_spec
-from ..data import Dataset, encode, eval_batches, load_dataset, to_steps
+from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.augment import random_crop_flip
 from ..errors import SnnCompressError
 from ..prune.controller import DynamicPruner
@@ -63,7 +63,7 @@ def make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encoding: str = "direct",
-             batch_size: int = 256) -> tuple[float, float, torch.Tensor]:
+             batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, logits) of a multi-step model on a normalised image set."""
     model.eval()
     device = next(model.parameters()).device
@@ -77,7 +77,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encodin
 
 @torch.no_grad()
 def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encoding: str = "direct",
-                     batch_size: int = 256) -> tuple[float, float]:
+                     batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """(mean loss, accuracy) like :func:`evaluate`, each rank running every world-size-th batch.
 
     Every rank draws every batch's input (cheap), so Poisson spikes are those of :func:`evaluate`.
