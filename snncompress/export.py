@@ -81,8 +81,8 @@ class ExportResult:
 def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:
     """int8 weights, activations quantised per call (onnxruntime dynamic quantisation).
 
-    A spike tensor ({0, 1}) gets scale 1/255 and zero point 0, so spikes stay exact; the
-    weights (and the analog input of the first layer) are approximated.
+    A spike tensor ({0, 1}) gets scale 1/255 and zero point 0, so spikes stay exact; the weights
+    (and the analog input of the first layer) are approximated.
     """
     import logging as _logging
 
