@@ -18,7 +18,6 @@ The GEMM reference is a 2048x2048 fp32 MatMul run by onnxruntime with the same t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ from spikingjelly.activation_based import functional
 
 import snncompress as sc
 from snncompress.benchmark import time_call
-from snncompress.export import UnrolledSNN, _to_onnx, fold_batchnorm, lean_neurons, ort_session
+from snncompress.export import UnrolledSNN, fold_batchnorm, ort_session, unrolled_onnx
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.slimming import count_macs
 
@@ -88,12 +87,8 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
     x1 = torch.randn(1, *SHAPE)
     macs = {"dense": count_macs(dense, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1)),
             "slim": count_macs(slim, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1))}
-    protos = {}
-    for k, m in (("dense", dense), ("slim", slim)):
-        net = copy.deepcopy(m)
-        if lean:
-            lean_neurons(net)
-        protos[k] = _to_onnx(UnrolledSNN(net, T, order=order).eval(), torch.randn(2, *SHAPE))
+    protos = {k: unrolled_onnx(m, torch.randn(2, *SHAPE), T, lean=lean, order=order)
+              for k, m in (("dense", dense), ("slim", slim))}
     rows = []
     for threads in threads_list:
         sessions = {k: ort_session(p.SerializeToString(), threads, ort_level) for k, p in protos.items()}

@@ -237,6 +237,16 @@ def run_onnx(sess: ort.InferenceSession, x: torch.Tensor, T: int, encoding: str)
     return np.concatenate([sess.run(None, {name: inp.numpy()})[0] for inp in eval_batches(x, T, encoding)])
 
 
+def unrolled_onnx(model: nn.Module, example: torch.Tensor, T: int, encoding: str = "direct", lean: bool = True,
+                  order: str = "step") -> onnx.ModelProto:
+    """The ONNX graph of a multi-step ``model`` with its T steps unrolled (built on a copy: ``model``
+    is left as it is), unverified; :func:`export_onnx` verifies it."""
+    net = copy.deepcopy(model)
+    if lean:
+        lean_neurons(net)
+    return _to_onnx(UnrolledSNN(net, T, encoding, order).eval(), example)
+
+
 def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     """Dynamo export (the TorchScript exporter cannot handle spikingjelly 2.0 neurons) + onnxsim."""
     import onnxsim
@@ -331,11 +341,8 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
 def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndarray, x: torch.Tensor, T: int,
                      encoding: str, lean: bool, order: str, source: Path) -> tuple[onnx.ModelProto, np.ndarray, float]:
     """(ONNX model, its logits on ``x``, max |Δlogit| against ``reference``) or an error."""
-    net = copy.deepcopy(model)
-    if lean:
-        lean_neurons(net)
     try:
-        proto = _to_onnx(UnrolledSNN(net, T, encoding, order).eval(), example)
+        proto = unrolled_onnx(model, example, T, encoding, lean, order)
     except Exception as e:  # the exporter raises many types; report it on one line
         msg = str(e).splitlines()[0] if str(e) else ""
         raise SnnCompressError(f"{source}: ONNX export failed ({type(e).__name__}: {msg})") from e
