@@ -30,10 +30,10 @@ from onnx import TensorProto, helper
 from spikingjelly.activation_based import functional
 
 import snncompress as sc
-from snncompress.benchmark import time_call
-from snncompress.export import UnrolledSNN, fold_batchnorm, ort_session, unrolled_onnx
+from snncompress.stages.bench import time_call
+from snncompress.deploy import UnrolledSNN, fold_batchnorm, ort_session, unrolled_onnx
 from snncompress.prune.gates import attach_gates, set_masks
-from snncompress.slimming import count_macs
+from snncompress.metrics import count_macs
 
 MODELS = {  # CPU-sized: VGG-16 at half width, ResNet-19 at quarter width; CIFAR-shaped input, T = 4
     "vgg16": {"name": "vgg16", "width": 0.5},

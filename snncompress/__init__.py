@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it (tool.setuptools.dynamic)
 
 # The public API, imported on first use (PEP 562): `snncompress --help` or a recipe error then
 # answers without importing torch, onnxruntime, scikit-learn and matplotlib.
 _API = {
-    "load_checkpoint": "artifacts", "BenchSettings": "benchmark", "bench": "benchmark",
-    "load_model": "checkpoint", "compare": "compare", "RecipeError": "errors",
-    "SnnCompressError": "errors", "VerificationError": "errors", "export_onnx": "export",
-    "create_model": "models", "list_models": "models", "register_model": "models",
-    "ChannelGate": "prune.gates", "ChannelGroup": "prune.gates", "channel_groups": "prune.gates",
-    "slim": "prune.surgery", "Recipe": "recipe", "load_recipe": "recipe", "parse_recipe": "recipe",
-    "run_pipeline": "run", "slim_checkpoint": "slimming", "evaluate": "training", "train": "training",
+    "RecipeError": "errors", "SnnCompressError": "errors", "VerificationError": "errors",
+    "Recipe": "config", "load_recipe": "config", "parse_recipe": "config",
+    "register_model": "registry", "register_method": "registry", "list_models": "registry",
+    "list_methods": "registry", "trust_code": "registry", "RunLayout": "layout",
+    "create_model": "models", "ChannelGate": "prune.gates", "ChannelGroup": "prune.gates",
+    "channel_groups": "prune.groups", "Scorer": "prune.scorer", "Pruner": "prune.pruner",
+    "load_checkpoint": "artifacts", "load_model": "checkpoint", "evaluate": "evaluation",
+    "train": "stages.train", "slim_checkpoint": "stages.slim", "slim": "stages.surgery",
+    "export_onnx": "stages.export", "BenchSettings": "stages.bench", "bench": "run", "run_pipeline": "run",
+    "compare": "compare",
 }
 __all__ = sorted(_API)
 

@@ -1,4 +1,10 @@
-"""Checkpoints as plain dicts (weights-only loadable), and models rebuilt from them."""
+"""Models rebuilt from checkpoints: the gated dense model of a training checkpoint, the slim model of slim.pt.
+
+A slim checkpoint describes itself: its state_dict holds every tensor in its slim shape, so the slim
+model is the dense architecture (rebuilt from the recipe) with each tensor resized to the stored shape.
+No Torch-Pruning trace is replayed, so a slim.pt does not depend on how any version of Torch-Pruning
+groups channels.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,12 @@ import torch
 import torch.nn as nn
 
 from .artifacts import SLIM_FORMAT, load_checkpoint
-from .errors import SnnCompressError
-from .models import FactoryError, build_factory_model, create_model, registry
+from .config import Recipe, parse_recipe
+from .errors import SnnCompressError, first_line
+from .models import FactoryError, build_factory_model, create_model
 from .models.factory import accepted_data_kwargs, resolve_factory
-from .prune.gates import attach_gates, channel_groups, set_masks
-from .prune.surgery import slim as slim_model
-from .recipe import Recipe, parse_recipe
+from .prune.gates import attach_gates, set_masks, strip_gates
+from .registry import trust_code
 
 
 def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
@@ -24,7 +30,7 @@ def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
     """
     m = recipe.model
     if m.factory is not None:
-        registry.trust_factory(m.factory)
+        trust_code(m.factory)
         fn = resolve_factory(m.factory)
         return {"factory": m.factory, "kwargs": {**m.kwargs, **accepted_data_kwargs(fn, in_channels, num_classes)}}
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "neuron": m.neuron.model_dump(), "width": m.width}
@@ -37,19 +43,21 @@ def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = Non
                 trust_factory: bool = False) -> nn.Module:
     """The gated multi-step model of a ``{name, kwargs}`` or ``{factory, kwargs}`` spec (gates open).
 
-    A factory is imported only if trusted (``trust_factory=True`` or ``models.trust_factory``);
+    A factory is imported only if trusted (``trust_factory=True`` or :func:`snncompress.registry.trust_code`);
     its model must map ``example`` to ``[B, num_classes]`` in both step modes.
     """
     if "factory" in spec:
         model = build_factory_model(spec["factory"], dict(spec["kwargs"]), example, num_classes, trust_factory)
-    else:
-        model = create_model(spec["name"], **spec["kwargs"])
-        try:  # the first forward: a built-in model that cannot take this input says so in one line
+        try:
             return attach_gates(model, example)
-        except RuntimeError as e:
-            raise SnnCompressError(f"model {spec['name']!r} cannot take inputs of shape {list(example.shape[2:])} "
-                                   f"({str(e).splitlines()[0]})") from e
-    return attach_gates(model, example)
+        except ValueError as e:  # a layer channel pruning cannot handle exactly
+            raise FactoryError(f"model factory {spec['factory']!r}: {e}") from e
+    model = create_model(spec["name"], **spec["kwargs"])
+    try:  # the first forward: a built-in model that cannot take this input says so in one line
+        return attach_gates(model, example)
+    except RuntimeError as e:
+        raise SnnCompressError(f"model {spec['name']!r} cannot take inputs of shape {list(example.shape[2:])} "
+                               f"({str(e).splitlines()[0]})") from e
 
 
 def describe_spec(spec: dict) -> str:
@@ -66,6 +74,29 @@ def example_input(ckpt: dict, batch: int = 2) -> torch.Tensor:
     return torch.zeros(data["T"], batch, *data["input_shape"])
 
 
+def resize_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Give every parameter and buffer of ``model`` the shape it has in ``state_dict`` (in place).
+
+    The shape attributes that forward passes read (conv/linear channel counts, BatchNorm features) follow,
+    as Torch-Pruning sets them when it removes channels. The values are left to ``load_state_dict``.
+    """
+    for prefix, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                target = state_dict.get(f"{prefix}.{name}" if prefix else name)
+                if t is None or target is None or target.shape == t.shape:
+                    continue
+                new = torch.empty(target.shape, dtype=t.dtype, device=t.device)
+                table[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        if isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.num_features = module.running_mean.shape[0]
+    return model
+
+
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory: bool = False) -> nn.Module:
     """Rebuild the model a checkpoint dict describes (gated dense model, or slim model) in eval mode.
 
@@ -76,18 +107,17 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
         example = example_input(ckpt)
         model = build_model(ckpt["model"], example, len(ckpt["data"]["classes"]), trust_factory)
         if ckpt["format"] == SLIM_FORMAT:
-            # replay the removal on the dense architecture, then load the slim weights
-            keep = {g: torch.as_tensor(m, dtype=torch.bool) for g, m in ckpt["masks"].items()}
-            model = slim_model(model, keep, example)
+            model = resize_to(strip_gates(model), ckpt["state_dict"])
             model.load_state_dict(ckpt["state_dict"])
         else:
+            from .prune.groups import channel_groups  # Torch-Pruning: only a dense checkpoint needs a trace
+
             model.load_state_dict(ckpt["state_dict"])
             set_masks(model, channel_groups(model, example), ckpt["masks"])
     except FactoryError as e:
         raise FactoryError(f"{source}: {e}") from e
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SnnCompressError(f"{source}: weights do not match the model it describes ({first})") from e
+        raise SnnCompressError(f"{source}: weights do not match the model it describes ({first_line(e)})") from e
     return model.eval()
 
 
@@ -101,4 +131,3 @@ def load_model(path: str | os.PathLike, trust_factory: bool = False) -> nn.Modul
 
 def recipe_of(ckpt: dict) -> Recipe:
     return parse_recipe(ckpt["recipe"], "checkpoint recipe")
-

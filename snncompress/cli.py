@@ -22,14 +22,15 @@ _state = {"debug": False, "trust_factory": False}
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-          trust_factory: bool = typer.Option(False, "--trust-factory",
-                                             help="Let a checkpoint that names a user model factory import and run it.")) -> None:
+          trust_factory: bool = typer.Option(False, "--trust-code", "--trust-factory",
+                                             help="Let a checkpoint that names user code (a model factory) "
+                                                  "import and run it.")) -> None:
     _state["debug"] = debug
     _state["trust_factory"] = trust_factory
 
 
 def _table(report: dict) -> Table:
-    from .benchmark import table_rows
+    from .stages.bench import table_rows
 
     header, rows = table_rows(report)
     t = Table(*header, title="snncompress bench")
@@ -42,7 +43,10 @@ def _print_bench(report: dict, out_dir: Path) -> None:
     console.print(_table(report))
     console.print("speedup (slim vs dense-shaped, median latency): "
                   + ", ".join(f"batch {b}: {v:.2f}x" for b, v in report["speedup"].items()))
-    console.print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'report.md'}")
+    from .layout import RunLayout
+
+    layout = RunLayout(out_dir)
+    console.print(f"wrote {layout.bench} and {layout.report}")
 
 
 @app.command("train")
@@ -51,8 +55,8 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
               resume: bool = typer.Option(False, "--resume", help="Continue from OUT/ckpt.pt (same recipe)")) -> None:
     """Train a spiking network (with the recipe's dynamic pruning) into OUT: ckpt.pt, best.pt, metrics.jsonl."""
     from . import distributed
-    from .recipe import load_recipe
-    from .training import train
+    from .config import load_recipe
+    from .stages.train import train
 
     r = load_recipe(recipe)
     with distributed.session():  # under torchrun: one process per device, rank 0 reports
@@ -68,7 +72,7 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
 def slim_cmd(ckpt: Path = typer.Argument(..., help="Training checkpoint (ckpt.pt / best.pt)"),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default slim.pt beside CKPT)")) -> None:
     """Physically remove pruned channels and verify the slim model equals the masked one on the test set."""
-    from .slimming import slim_checkpoint
+    from .stages.slim import slim_checkpoint
 
     r = slim_checkpoint(ckpt, out, trust_factory=_state["trust_factory"])
     console.print(f"params {r.params[0]:,} -> {r.params[1]:,} ({r.params[1] / r.params[0]:.1%}); "
@@ -100,12 +104,11 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
                                                                    "all steps, as trained; auto: step, else layer")) -> None:
     """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime."""
     from .errors import SnnCompressError
-    from .export import UNROLL_ORDERS, export_onnx
 
     if not onnx:
         raise SnnCompressError("choose an export format: --onnx")
-    if unroll not in ("auto", *UNROLL_ORDERS):
-        raise SnnCompressError(f"--unroll {unroll!r}: allowed auto, {', '.join(UNROLL_ORDERS)}")
+    from .stages.export import export_onnx
+
     r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, int8=int8, order=unroll,
                     trust_factory=_state["trust_factory"])
     if r.fold_agreement is not None:
@@ -124,19 +127,23 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
               slim: Optional[Path] = typer.Option(None, help="Slim checkpoint"),
               baseline: Optional[Path] = typer.Option(None, help="Dense baseline checkpoint"),
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory"),
-              threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: all cores)"),
+              threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: the "
+                                                                      "cores this process may use)"),
               repeats: int = typer.Option(30, min=20, help="Timed runs per batch size")) -> None:
     """Measure the slim model against the dense-shaped one: latency, SOPs, MACs, firing, energy, accuracy."""
-    from .benchmark import BenchSettings, bench
     from .errors import SnnCompressError
+    from .layout import RunLayout
+    from .run import bench
+    from .stages.bench import BenchSettings
 
     if run_dir is not None:
         if not run_dir.is_dir():
             raise SnnCompressError(f"{run_dir}: no such run directory")
-        dense = dense or run_dir / "train" / "ckpt.pt"
-        slim = slim or run_dir / "slim.pt"
-        if baseline is None and (run_dir / "baseline" / "ckpt.pt").exists():
-            baseline = run_dir / "baseline" / "ckpt.pt"
+        layout = RunLayout(run_dir)
+        dense = dense or layout.ckpt
+        slim = slim or layout.slim
+        if baseline is None and layout.baseline_ckpt.exists():
+            baseline = layout.baseline_ckpt
         out = out or run_dir
     if dense is None or slim is None:
         raise SnnCompressError("give a RUN_DIR, or both --dense and --slim")
@@ -152,7 +159,7 @@ def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe name>)"),
             resume: bool = typer.Option(False, "--resume", help="Skip finished stages, continue unfinished training")) -> None:
     """train -> slim -> export -> bench, all into one run directory (training on every torchrun process)."""
-    from .recipe import load_recipe
+    from .config import load_recipe
     from .run import run_pipeline
 
     r = load_recipe(recipe)
@@ -187,7 +194,7 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
                 out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/<name>-compare)")) -> None:
     """Train, slim and bench every method at the same budgets and seeds; compare.json, compare.md, compare.png."""
     from .compare import compare
-    from .recipe import load_recipe
+    from .config import load_recipe
 
     r = load_recipe(recipe)
     out = out or Path("runs") / f"{r.name}-compare"
@@ -201,28 +208,32 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
 
 @app.command("info")
 def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt) or ONNX model to describe")) -> None:
-    """Versions and registered models, or what a checkpoint / ONNX file written by snncompress holds."""
+    """Versions, registered models and methods, or what a checkpoint / ONNX file written by snncompress holds."""
     from importlib.metadata import version
 
     if path is None:
-        from .models import list_models
+        from .registry import METHODS, list_models
 
         console.print(f"snncompress {__version__}; " + "; ".join(
             f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime")))
         console.print(f"models: {', '.join(list_models())}")
+        console.print("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
         return
     if path.suffix == ".onnx":
-        from .export import read_onnx_metadata
+        from .deploy import read_onnx_metadata
 
         for k, v in read_onnx_metadata(path).items():
             console.print(f"{k}: {v}", highlight=False)
         return
     from .artifacts import load_checkpoint
     from .checkpoint import describe_spec
+    from .registry import is_code_string
 
     ck = load_checkpoint(path)
     kept = {g: f"{int(m.sum())}/{m.numel()}" for g, m in ck["masks"].items()}
+    method = (ck["recipe"].get("prune") or {}).get("method")
     console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {describe_spec(ck['model'])}\n"
+                  f"method: {method}{' (user code, not imported)' if is_code_string(method or '') else ''}\n"
                   f"epoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\nkept channels: {kept}", highlight=False)
     if "weight_masks" in ck:
         from .prune.weights import unpack_masks
@@ -233,8 +244,9 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and a non-zero exit (tracebacks with --debug)."""
-    from .errors import SnnCompressError
+    """Entry point: user errors become one line on stderr and their exit code (tracebacks with --debug);
+    anything else is an internal error, reported as such in one line with exit code 3 (see errors.py)."""
+    from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, SnnCompressError, first_line
 
     # torch warns on every run of a custom op that Triton (a GPU compiler) is missing: noise on CPU
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
@@ -245,22 +257,19 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except (ValueError, KeyError) as e:
-        if _state["debug"]:
-            raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
         raise
-    except Exception as e:  # usage errors (typer vendors click) are shown as such; anything else is a bug
-        import typer
-
-        if isinstance(e, typer.TyperException) and hasattr(e, "show"):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:
         if isinstance(e, typer.Abort):
             sys.exit(1)
-        raise
+        if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # usage errors (typer vendors click)
+            e.show()
+            sys.exit(e.exit_code)
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {first_line(e)} (a bug in snncompress, not in your input; "
+                          "rerun with --debug for the traceback and please report it)", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_INTERNAL)

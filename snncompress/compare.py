@@ -17,7 +17,6 @@ How ``--keep k`` maps to a budget:
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -25,20 +24,23 @@ from typing import Callable
 import torch
 
 from .artifacts import write_json, write_text
-from .benchmark import BenchSettings, bench, weight_counts
 from .checkpoint import build_model, model_spec
+from .config import METHOD_ONLY, STRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
 from .data import encode, load_dataset
 from .errors import SnnCompressError, VerificationError
-from .prune.gates import channel_groups
-from .prune.surgery import slim
+from .layout import RunLayout
+from .metrics import weight_counts
+from .plots import plot_pareto
+from .prune.groups import channel_groups
 from .prune.weights import round_half_up
-from .recipe import STRUCTURED_METHODS, UNSTRUCTURED_METHODS, UNSTRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
-from .run import run_pipeline
-from .slimming import slim_checkpoint
-from .training import train
+from .registry import METHODS
+from .run import bench, run_pipeline
+from .stages.bench import BenchSettings
+from .stages.slim import slim_checkpoint
+from .stages.surgery import slim
+from .stages.train import train
 
 COMPARE_FORMAT = "snncompress.compare/1"
-METHODS = (*STRUCTURED_METHODS, *UNSTRUCTURED_METHODS)
 
 
 def weight_density_for_keep(recipe: Recipe, keep: float) -> float:
@@ -60,21 +62,20 @@ def variant_recipe(recipe: Recipe, method: str, keep: float, seed: int, density:
     method-specific fields come from the recipe's prune section.
     """
     if method not in METHODS:
-        raise SnnCompressError(f"compare: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise SnnCompressError(f"compare: unknown method {method!r}; choose from {', '.join(METHODS.names())}")
     base = recipe.prune or PruneCfg()
     defaults = {k: f.default for k, f in PruneCfg.model_fields.items()}
     prune = {**base.model_dump(mode="json"), "method": method}
-    if method in UNSTRUCTURED_METHODS:
+    if METHODS.meta(method)["family"] == "unstructured":
         if density is None:
             raise ValueError("variant_recipe: an unstructured method needs the weight density D(keep)")
-        prune.update(keep=defaults["keep"], regrow=defaults["regrow"], budget=defaults["budget"],
-                     sparsity=max(0.0, 1.0 - density))
+        prune.update({k: defaults[k] for k in STRUCTURED_ONLY}, sparsity=max(0.0, 1.0 - density))
     else:
         # regrowth stays the same share of the kept channels as in the recipe
         share = defaults["regrow"] / defaults["keep"] if base.unstructured else base.regrow / base.keep
         prune.update(keep=keep, regrow=share * keep, sparsity=None)
-    for key, owners in UNSTRUCTURED_ONLY.items():  # another method's fields go back to their defaults
-        if key != "sparsity" and method not in owners:
+    for key, owners in METHOD_ONLY.items():  # another method's fields go back to their defaults
+        if method not in owners:
             prune[key] = defaults[key]
     data = {**recipe.model_dump(mode="json"), "name": f"{recipe.name}-{method}-keep{keep:g}-seed{seed}",
             "seed": seed, "baseline": False, "prune": prune}
@@ -98,13 +99,14 @@ def _row(method: str, keep: float, seed: int, variant: Recipe | None, report: di
 
 def _dense_reference(recipe: Recipe, seed: int, out: Path, progress: bool, settings: BenchSettings | None) -> dict:
     """The recipe trained without pruning (slim removes nothing), benched like the variants."""
+    layout = RunLayout(out)
     dense = recipe.model_copy(update={"seed": seed}).dense()
-    res = train(dense, out / "train", progress=progress, resume=True)
-    if not (out / "slim.pt").exists():
-        slim_checkpoint(res.ckpt, out / "slim.pt")
-    if not (out / "bench.json").exists():
-        bench(res.ckpt, out / "slim.pt", out, settings=settings)
-    return json.loads((out / "bench.json").read_text())
+    res = train(dense, layout.train_dir, progress=progress, resume=True)
+    if not layout.slim.exists():
+        slim_checkpoint(res.ckpt, layout.slim)
+    if not layout.bench.exists():
+        bench(res.ckpt, layout.slim, out, settings=settings)
+    return json.loads(layout.bench.read_text())
 
 
 def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list[float] | None = None,
@@ -119,7 +121,7 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SnnCompressError(f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                               f"choose from {', '.join(METHODS)}")
+                               f"choose from {', '.join(METHODS.names())}")
     if keeps is None:
         if recipe.prune is None or recipe.prune.unstructured:
             raise SnnCompressError("compare: give --keep (the recipe has no structured prune.keep)")
@@ -129,7 +131,7 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
     baseline = recipe.baseline if baseline is None else baseline
     seed_list = list(range(recipe.seed, recipe.seed + seeds))
     densities = {k: weight_density_for_keep(recipe, k) for k in keeps} \
-        if any(m in UNSTRUCTURED_METHODS for m in methods) else {}
+        if any(METHODS.meta(m)["family"] == "unstructured" for m in methods) else {}
     rows = []
     for keep in keeps:
         density = densities.get(keep)
@@ -216,49 +218,3 @@ def render_compare_markdown(result: dict, summary: list[dict]) -> str:
         lines += ["Failed variants (left out of the table; rerun to retry):", "",
                   *(f"- {r['method']} keep {r['keep']:g} seed {r['seed']}: {r['error']}" for r in failed), ""]
     return "\n".join(lines)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points not dominated (lower cost and higher accuracy), sorted by cost."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def plot_pareto(summary: list[dict], path: Path, title: str) -> None:
-    """Accuracy vs SOPs and vs batch-1 latency (means with std error bars), with the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    methods = list(dict.fromkeys(s["method"] for s in summary))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, key, label in ((axes[0], "sops", "SOPs per inference (non-zero weights)"),
-                           (axes[1], "latency_1", "latency, batch 1 (ms, onnxruntime)")):
-        for m in methods:
-            pts = [s for s in summary if s["method"] == m]
-            ax.errorbar([s[key][0] for s in pts], [100 * s["accuracy"][0] for s in pts],
-                        xerr=[s[key][1] for s in pts], yerr=[100 * s["accuracy"][1] for s in pts],
-                        fmt="o", color=colours[m], label=m, capsize=3)
-        points = [(s[key][0], s["accuracy"][0]) for s in summary]
-        front = pareto_front(points)
-        # hollow rings mark the front, so a one-point front is visible too
-        ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "--o", color="grey",
-                lw=1, ms=13, mfc="none", label="Pareto front")
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: accuracy vs cost (mean ± std over seeds)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)

@@ -6,8 +6,8 @@ one) no process group is ever created and every function here is a no-op, so sin
 are exactly what they were. Collectives on CPU tensors (pruning statistics, metrics, mask hashes)
 go through gloo; a CUDA model's gradients through NCCL.
 
-This module sits at the package top (not in ``training/``) because both ``training`` and ``prune``
-use it, and ``training`` imports ``prune``.
+The pruning algorithms never import this module: the training stage hands them
+:func:`sum_across_ranks` as the ``reduce`` of :meth:`~snncompress.prune.pruner.Pruner.end_epoch`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,9 +25,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .errors import SnnCompressError
-
-if TYPE_CHECKING:
-    from .prune.scorer import ChannelMeans
 
 # a rank that fails or stalls must not leave the others waiting forever in a collective; torchrun
 # also stops every worker as soon as one exits with an error
@@ -164,37 +161,31 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(b, 0)
 
 
-def sum_across_ranks(accumulators: Iterable[ChannelMeans]) -> None:
-    """Make every rank hold the sums and counts of all ranks (in place; nothing in one process)."""
-    accs = list(accumulators)
-    if not is_distributed() or not accs:
+def sum_across_ranks(tensors: list[torch.Tensor]) -> None:
+    """Make every rank hold the sums over all ranks of ``tensors`` (in place; nothing in one process)."""
+    if not is_distributed() or not tensors:
         return
-    parts = [torch.cat([*a.sum.values(), torch.tensor(list(a.count.values()), dtype=torch.float64)]) for a in accs]
-    flat = all_reduce_sum(torch.cat(parts))  # one collective; counts are exact in float64 up to 2**53
+    # one collective; counts kept as float64 are exact up to 2**53
+    flat = all_reduce_sum(torch.cat([t.flatten().double() for t in tensors]))
     offset = 0
-    for a in accs:
-        for t in a.sum.values():
-            t.copy_(flat[offset:offset + t.numel()])
-            offset += t.numel()
-        for g in a.count:
-            a.count[g] = int(flat[offset].round())
-            offset += 1
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
-def gather_on_main(accumulators: Iterable[ChannelMeans]) -> None:
+def gather_on_main(tensors: list[torch.Tensor]) -> None:
     """Move the statistics of all ranks onto rank 0 and zero them elsewhere.
 
     The sum over ranks (what the next selection uses) is unchanged, and rank 0 alone holds what a
     checkpoint must keep: a resume gives rank 0 the saved sums and the other ranks zeros, exactly
     the state of an uninterrupted run at that point.
     """
-    accs = list(accumulators)
     if not is_distributed():
         return
-    sum_across_ranks(accs)
+    sum_across_ranks(tensors)
     if rank() != 0:
-        for a in accs:
-            a.reset()
+        for t in tensors:
+            t.zero_()
 
 
 def masks_sha256(masks: dict[str, torch.Tensor]) -> str:

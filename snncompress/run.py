@@ -1,35 +1,61 @@
-"""``snncompress run``: train -> slim -> export -> bench into one run directory, stage by stage."""
+"""``snncompress run``: train -> slim -> export -> bench into one run directory, stage by stage.
+
+Orchestration lives here, above the stages (which never import one another): :func:`run_pipeline`
+runs them in order, and :func:`bench` exports whatever ONNX file is missing or stale before it measures.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from . import distributed
 from .artifacts import write_json
-from .benchmark import bench
+from .config import Recipe
+from .deploy import exported_from
 from .errors import SnnCompressError
-from .export import export_onnx
-from .models import trust_factory
-from .recipe import Recipe
-from .slimming import slim_checkpoint
-from .training import train
+from .layout import RunLayout
+from .registry import is_code_string, trust_code
+from .stages.bench import BenchSettings, bench_models
+from .stages.export import export_onnx
+from .stages.slim import slim_checkpoint
+from .stages.train import train
 
 RUN_FORMAT = "snncompress.run/1"
 STAGES = ("train", "baseline", "slim", "export", "bench")
 DISTRIBUTED_STAGES = ("train", "baseline")  # under torchrun; the others run on rank 0 alone
 
 
+def export_all(checkpoints: dict[str, Path], onnx_paths: dict[str, Path], trust_factory: bool = False) -> None:
+    """Export (and verify) every checkpoint whose ONNX file is missing or was exported from something else."""
+    for name, ckpt in checkpoints.items():
+        if not exported_from(onnx_paths[name], ckpt):
+            export_onnx(ckpt, onnx_paths[name], trust_factory=trust_factory)
+
+
+def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.PathLike,
+          baseline: str | os.PathLike | None = None, settings: BenchSettings | None = None,
+          trust_factory: bool = False) -> dict:
+    """Benchmark the dense-shaped masked checkpoint against its slim version (and an optional dense
+    baseline); write ``bench.json``, ``report.md`` and plots into ``out_dir`` and return the report dict.
+
+    Each model is timed as the ONNX file the run layout names in ``out_dir`` (``model.onnx``,
+    ``dense.onnx``, ``baseline.onnx``), exported and verified first where it is missing or stale.
+    ``trust_factory``: see :func:`snncompress.load_model`.
+    """
+    layout = RunLayout(out_dir)
+    checkpoints = {"dense": Path(dense), "slim": Path(slim), **({"baseline": Path(baseline)} if baseline else {})}
+    export_all(checkpoints, layout.onnx, trust_factory)
+    return bench_models({k: (p, layout.onnx[k]) for k, p in checkpoints.items()}, out_dir, settings, trust_factory)
+
+
 def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = False,
                  log: Callable[[str], None] = lambda _: None) -> dict | None:
-    """Run every stage; return the bench report. Layout of ``out_dir``::
-
-        run.json                                 recipe and each stage's status
-        train/{ckpt.pt,best.pt,metrics.jsonl}   pruned training (masks in the checkpoint)
-        baseline/...                             dense training of the same recipe (if recipe.baseline)
-        slim.pt  model.onnx  dense.onnx  [baseline.onnx]  bench.json  report.md
+    """Run every stage into ``out_dir`` (its layout: :class:`~snncompress.layout.RunLayout`); return the
+    bench report.
 
     With ``resume=True``, stages that ``run.json`` records as done (and whose outputs exist) are
     skipped and unfinished trainings continue from their last checkpoint.
@@ -41,36 +67,36 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
     rank 0 alone slims, exports and benches (and writes ``run.json``). They return None.
     """
     with distributed.session():
-        return _run(recipe, Path(out_dir), progress, resume, log)
+        return _run(recipe, RunLayout(out_dir), progress, resume, log)
 
 
-def _run(recipe: Recipe, out: Path, progress: bool, resume: bool, log: Callable[[str], None]) -> dict | None:
+def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Callable[[str], None]) -> dict | None:
     main = distributed.is_main()
     log = log if main else (lambda _: None)
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
-    if recipe.model.factory:  # the user's own recipe names it: trusted for every stage, resumed ones too
-        trust_factory(recipe.model.factory)
-    status_path = out / "run.json"
+    for code in (recipe.model.factory, recipe.prune.method):  # the user's own recipe names them: trusted
+        if code and is_code_string(code):
+            trust_code(code)
     recipe_json = recipe.model_dump(mode="json")
     status = {"format": RUN_FORMAT, "recipe": recipe_json, "stages": {}}
-    if resume and status_path.exists():
-        previous = json.loads(status_path.read_text())
+    if resume and out.status.exists():
+        previous = json.loads(out.status.read_text())
         if previous.get("recipe") != recipe_json:
-            raise SnnCompressError(f"{status_path}: this run used a different recipe; resume with the same one")
+            raise SnnCompressError(f"{out.status}: this run used a different recipe; resume with the same one")
         status["stages"] = previous.get("stages", {})
     distributed.barrier()  # every rank has read run.json before rank 0 rewrites it
-    save_status = (lambda: write_json(status, status_path)) if main else (lambda: None)
+    save_status = (lambda: write_json(status, out.status)) if main else (lambda: None)
 
-    outputs = {"train": out / "train" / "ckpt.pt", "baseline": out / "baseline" / "ckpt.pt",
-               "slim": out / "slim.pt", "export": out / "model.onnx", "bench": out / "bench.json"}
+    checkpoints = {"slim": out.slim, "dense": out.ckpt, **({"baseline": out.baseline_ckpt} if recipe.baseline else {})}
+    outputs = {"train": out.ckpt, "baseline": out.baseline_ckpt, "slim": out.slim, "export": out.onnx["slim"],
+               "bench": out.bench}
     actions = {
-        "train": lambda: train(recipe, out / "train", progress=progress, resume=resume),
-        "baseline": lambda: train(recipe.dense(), out / "baseline", progress=progress, resume=resume),
-        "slim": lambda: slim_checkpoint(outputs["train"], outputs["slim"]),
-        "export": lambda: export_onnx(outputs["slim"], outputs["export"]),
-        "bench": lambda: bench(outputs["train"], outputs["slim"], out,
-                               baseline=outputs["baseline"] if recipe.baseline else None),
+        "train": lambda: train(recipe, out.train_dir, progress=progress, resume=resume),
+        "baseline": lambda: train(recipe.dense(), out.baseline_dir, progress=progress, resume=resume),
+        "slim": lambda: slim_checkpoint(out.ckpt, out.slim),
+        "export": lambda: export_all(checkpoints, out.onnx),
+        "bench": lambda: bench_models({k: (p, out.onnx[k]) for k, p in checkpoints.items()}, out.root),
     }
     for stage in STAGES:
         if stage == "baseline" and not recipe.baseline:
@@ -97,4 +123,4 @@ def _run(recipe: Recipe, out: Path, progress: bool, resume: bool, log: Callable[
             raise
         status["stages"][stage].update(status="done", finished=time.time())
         save_status()
-    return json.loads(outputs["bench"].read_text())
+    return json.loads(out.bench.read_text())

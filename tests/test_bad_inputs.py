@@ -113,8 +113,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import pytest
 
     import snncompress as sc
-    import snncompress.training.loop as loop
-    from snncompress.recipe import parse_recipe
+    import snncompress.stages.train as loop
+    from snncompress.config import parse_recipe
 
     from .conftest import TINY
 
@@ -169,6 +169,6 @@ def test_model_too_deep_for_the_input_size(tmp_path):
 
 def test_unknown_option_is_a_usage_error():
     res = cli("export", "x.pt", "--onnx", "--unroll", "sideways")
-    assert res.returncode == 1 and "--unroll 'sideways': allowed auto, step, layer" in res.stderr
+    assert res.returncode == 1 and "unroll order 'sideways': allowed auto, step, layer" in res.stderr
     res = cli("slim", "--bogus")
     assert res.returncode == 2 and "No such option: --bogus" in res.stderr and "Traceback" not in res.stderr

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from snncompress.compare import (pareto_front, render_compare_markdown, summarise, variant_recipe,
-                                  weight_density_for_keep)
+from snncompress.compare import render_compare_markdown, summarise, variant_recipe, weight_density_for_keep
 from snncompress.errors import SnnCompressError
-from snncompress.recipe import parse_recipe
+from snncompress.plots import pareto_front
+from snncompress.config import parse_recipe
 
 from .conftest import TINY, cli, write_recipe
 

@@ -242,11 +242,11 @@ with distributed.session():
     acc = ChannelMeans([ChannelGroup("a", 2, ["c"]), ChannelGroup("b", 3, ["d"])])
     acc.add("a", torch.tensor([1.0, 2.0]) * (r + 1), 2 + r)
     acc.add("b", torch.full((3,), 0.5), 1)
-    distributed.sum_across_ranks([acc])
+    distributed.sum_across_ranks(acc.tensors())
     assert acc.sum["a"].tolist() == [3.0, 6.0] and acc.sum["b"].tolist() == [1.0] * 3, acc.sum
-    assert acc.count == {"a": 5, "b": 2}, acc.count
-    distributed.gather_on_main([acc])  # rank 0 holds the sum over ranks, the others nothing
-    assert acc.count == ({"a": 10, "b": 4} if r == 0 else {"a": 0, "b": 0}), acc.count
+    assert acc.counts() == {"a": 5, "b": 2}, acc.counts()
+    distributed.gather_on_main(acc.tensors())  # rank 0 holds the sum over ranks, the others nothing
+    assert acc.counts() == ({"a": 10, "b": 4} if r == 0 else {"a": 0, "b": 0}), acc.counts()
     try:
         distributed.check_agree(str(5 * r), "the epoch to start from")
     except SnnCompressError as e:

@@ -7,7 +7,7 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 
 import snncompress as sc
-from snncompress.export import LeanNeuron, UnrolledSNN, _to_onnx, fold_batchnorm, lean_neurons, ort_session
+from snncompress.deploy import LeanNeuron, UnrolledSNN, to_onnx, fold_batchnorm, lean_neurons, ort_session
 from snncompress.prune.gates import attach_gates
 
 
@@ -45,7 +45,7 @@ def test_lean_onnx_has_fewer_nodes_and_the_same_logits():
     lean = copy.deepcopy(wrapper)
     assert lean_neurons(lean) == 2
     x = torch.randn(5, 1, 8, 8) * 3
-    p_sj, p_lean = _to_onnx(wrapper, x[:2]), _to_onnx(lean, x[:2])
+    p_sj, p_lean = to_onnx(wrapper, x[:2]), to_onnx(lean, x[:2])
     assert len(p_lean.graph.node) < 0.8 * len(p_sj.graph.node)
     with torch.no_grad():
         ref = wrapper(x).numpy()
@@ -78,7 +78,7 @@ def test_step_unrolled_graph_has_no_per_layer_split_and_the_same_logits(name, en
     for order in ("step", "layer"):
         net = copy.deepcopy(model)
         lean_neurons(net)
-        proto = _to_onnx(UnrolledSNN(net, 2, encoding, order).eval(), x[:2])
+        proto = to_onnx(UnrolledSNN(net, 2, encoding, order).eval(), x[:2])
         ops[order] = [n.op_type for n in proto.graph.node]
         sess = ort_session(proto.SerializeToString())
         assert (sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] == ref).all(), order

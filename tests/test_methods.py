@@ -11,12 +11,13 @@ import snncompress
 from snncompress.errors import RecipeError
 from snncompress.models.neuron import make_neuron
 from snncompress.prune.baselines import BNScorer, L1Scorer, RandomScorer
-from snncompress.prune.controller import SCORERS, DynamicPruner
+from snncompress.prune.pruner import build_pruner
+from snncompress import registry
 from snncompress.prune.criticality import CriticalityScorer, criticality, membrane_before_fire
 from snncompress.prune.gates import ChannelGroup, attach_gates
 from snncompress.prune.pq import pq_index, pq_prune_ratio
 from snncompress.prune.select import pq_budgets, select_masks_budgeted
-from snncompress.recipe import PruneCfg, parse_recipe
+from snncompress.config import PruneCfg, parse_recipe
 
 from .conftest import TINY
 
@@ -262,7 +263,7 @@ def test_criticality_regrowth_uses_criticality(method, regrown):
     groups = [ChannelGroup("conv", 4, ["conv"], ["bn"], ["spike.gate"])]
     cfg = PruneCfg(method=method, keep=0.75, regrow=0.25, warmup_epochs=0, ramp_epochs=1, finetune_epochs=0,
                    min_channels=1)
-    pruner = DynamicPruner(net, groups, cfg, epochs=1)
+    pruner = build_pruner(net, groups, cfg, epochs=1)
     net.train()
     net(torch.ones(2, 3, 1, 2, 2))
     functional.reset_net(net)
@@ -280,13 +281,13 @@ def test_criticality_penalty_is_l1_on_gamma():
     with torch.no_grad():
         net.bn.weight.copy_(torch.tensor([4.0, -3.0, 2.0, 1.0]))
     groups = [ChannelGroup("conv", 4, ["conv"], ["bn"], ["spike.gate"])]
-    pruner = DynamicPruner(net, groups, PruneCfg(method="criticality", l1_gamma=1e-3), epochs=30)
+    pruner = build_pruner(net, groups, PruneCfg(method="criticality", l1_gamma=1e-3), epochs=30)
     pen = pruner.penalty()  # 1e-3 * (4 + 3 + 2 + 1) = 0.01
     assert pen.item() == pytest.approx(0.01)
     pen.backward()
     assert torch.allclose(net.bn.weight.grad, torch.tensor([1e-3, -1e-3, 1e-3, 1e-3]))  # l1_gamma * sign(gamma)
-    assert DynamicPruner(_Tiny(), groups, PruneCfg(method="bn"), epochs=30).penalty().item() == 0.0
-    assert DynamicPruner(_Tiny(), groups, PruneCfg(method="criticality", l1_gamma=0), epochs=30).penalty().item() == 0.0
+    assert build_pruner(_Tiny(), groups, PruneCfg(method="bn"), epochs=30).penalty().item() == 0.0
+    assert build_pruner(_Tiny(), groups, PruneCfg(method="criticality", l1_gamma=0), epochs=30).penalty().item() == 0.0
 
 
 # --- baselines ----------------------------------------------------------------------------------
@@ -357,7 +358,8 @@ def test_random_scores_seeded_fresh_each_window():
 def test_recipe_fields_validated():
     r = parse_recipe({"prune": {"method": "criticality", "budget": "pq"}})
     assert r.prune.l1_gamma == 1e-4 and (r.prune.pq_p, r.prune.pq_q, r.prune.pq_beta) == (0.5, 1.0, 0.9)
-    assert set(SCORERS) == {"sca", "random", "l1", "bn", "criticality"}
+    assert {m for m in registry.list_methods() if registry.METHODS.meta(m)["family"] == "structured"} == \
+        {"sca", "random", "l1", "bn", "criticality"}
     for bad, msg in [({"pq_p": 1.0, "pq_q": 0.5}, "prune.pq_q: must be > pq_p (1.0), got 0.5"),
                      ({"pq_p": 0}, "prune.pq_p: must be > 0"), ({"l1_gamma": -1}, "prune.l1_gamma: must be >= 0"),
                      ({"pq_eta": -0.1}, "prune.pq_eta: must be >= 0"), ({"pq_gamma": 0}, "prune.pq_gamma: must be > 0"),

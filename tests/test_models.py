@@ -11,11 +11,12 @@ from spikingjelly.activation_based.neuron import BaseNode
 
 import snncompress as sc
 from snncompress.checkpoint import build_model
-from snncompress.export import UnrolledSNN, _to_onnx, ort_session, read_onnx_metadata
-from snncompress.models import FactoryError, registry
+from snncompress.deploy import UnrolledSNN, to_onnx, ort_session, read_onnx_metadata
+from snncompress import registry
+from snncompress.models import FactoryError
 from snncompress.prune.gates import attach_gates, set_masks
-from snncompress.recipe import parse_recipe
-from snncompress.verify import compare_models
+from snncompress.config import parse_recipe
+from snncompress.evaluation import compare_models
 
 from .conftest import TINY, cli, write_recipe
 
@@ -25,7 +26,7 @@ USER = "tests.user_models"
 @pytest.fixture(autouse=True)
 def _no_trusted_factories(monkeypatch):
     """Each test starts with no factory trusted in this process (train/model_spec add the recipe's)."""
-    monkeypatch.setattr(registry, "_TRUSTED_FACTORIES", set())
+    monkeypatch.setattr(registry, "_TRUSTED", set())
 
 
 def _gated(name: str, width: float = 0.125, in_channels: int = 3, size: int = 16, seed: int = 0) -> torch.nn.Module:
@@ -162,7 +163,7 @@ def test_slim_and_onnx_equal_the_masked_residual_net(name):
     assert eq.ok, eq
 
     wrapper = UnrolledSNN(slim, T, "direct").eval()
-    sess = ort_session(_to_onnx(wrapper, x[:2]).SerializeToString())
+    sess = ort_session(to_onnx(wrapper, x[:2]).SerializeToString())
     xr = torch.randn(32, 3, 16, 16) * 2
     got = sess.run(None, {sess.get_inputs()[0].name: xr.numpy()})[0]
     with torch.no_grad():
@@ -280,7 +281,7 @@ def test_factory_checkpoint_needs_trust_in_every_command(factory_run, tmp_path):
     for res in refusals:
         assert res.returncode == 1 and "Traceback" not in res.stderr + res.stdout
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-        assert f"'{USER}:small_snn' is not trusted" in res.stderr and "--trust-factory" in res.stderr
+        assert f"'{USER}:small_snn' is not trusted" in res.stderr and "--trust-code" in res.stderr
     assert not list(tmp_path.iterdir())
     with pytest.raises(FactoryError, match="not trusted"):
         sc.load_model(ckpt)

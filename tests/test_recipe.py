@@ -1,7 +1,7 @@
 import pytest
 
 from snncompress.errors import RecipeError
-from snncompress.recipe import load_recipe, parse_recipe
+from snncompress.config import load_recipe, parse_recipe
 
 from .conftest import TINY, cli, write_recipe
 

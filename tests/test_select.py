@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from snncompress.prune.select import is_update_epoch, keep_fraction_at, select_masks
-from snncompress.recipe import PruneCfg
+from snncompress.prune.schedule import is_update_epoch, keep_fraction_at
+from snncompress.prune.select import select_masks
+from snncompress.config import PruneCfg
 
 
 def test_global_selection_by_activity_with_min_per_group():

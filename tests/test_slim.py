@@ -4,7 +4,7 @@ from spikingjelly.activation_based import functional, neuron
 
 import snncompress as sc
 from snncompress.prune.gates import attach_gates, set_masks
-from snncompress.verify import compare_models
+from snncompress.evaluation import compare_models
 
 
 def _model(seed=0):
@@ -70,7 +70,7 @@ def test_verification_names_the_first_differing_layer():
 
 
 def test_slim_checkpoint_refuses_and_writes_nothing_when_not_equivalent(run_dir, tmp_path, monkeypatch):
-    import snncompress.slimming as slim_mod
+    import snncompress.stages.slim as slim_mod
 
     real = slim_mod.slim_model
 

@@ -3,9 +3,9 @@ import copy
 import torch
 
 import snncompress as sc
-from snncompress.prune.controller import DynamicPruner
+from snncompress.prune.pruner import build_pruner
 from snncompress.prune.gates import attach_gates
-from snncompress.recipe import parse_recipe
+from snncompress.config import parse_recipe
 
 from .conftest import TINY
 
@@ -38,7 +38,7 @@ def test_closed_channels_are_frozen_and_regrowth_signal_is_collected():
     x = torch.randn(2, 16, 1, 8, 8)
     attach_gates(model, x)
     groups = sc.channel_groups(model, x)
-    pruner = DynamicPruner(model, groups, recipe.prune, epochs=4)
+    pruner = build_pruner(model, groups, recipe.prune, epochs=4)
     mask = torch.tensor([True] * 4 + [False] * 4)
     pruner.load_masks({g.name: mask for g in groups})
     conv, bn = model.features.conv1.conv, model.features.conv1.bn

@@ -14,14 +14,15 @@ import torch.nn as nn
 from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
 
 import snncompress
-from snncompress.benchmark import NonzeroMACCounter, NonzeroSynOpCounter, weight_counts
+from snncompress.metrics import NonzeroMACCounter, NonzeroSynOpCounter, weight_counts
 from snncompress.errors import RecipeError
 from snncompress.prune.gates import ChannelGroup
 from snncompress.prune.pq import pq_index
-from snncompress.prune.unstructured import magnitude_criticality_masks, pq_rewire, sparsity_at
+from snncompress.prune.schedule import sparsity_at
+from snncompress.prune.unstructured import magnitude_criticality_masks, pq_rewire
 from snncompress.prune.weights import (WeightMasks, channel_masks, ensure_rows, er_densities, pack_masks,
                                        unpack_masks)
-from snncompress.recipe import PruneCfg, parse_recipe
+from snncompress.config import PruneCfg, parse_recipe
 
 from .conftest import TINY, cli, write_recipe
 
@@ -248,7 +249,7 @@ def test_unstructured_recipe_fields_validated():
                      ({"method": "pq", "sparsity": 1.0}, "prune.sparsity: must be in [0, 1)"),
                      ({"method": "pq", "sparsity": 0.5, "keep": 0.5}, "prune.keep: only for structured methods"),
                      ({"method": "pq", "sparsity": 0.5, "budget": "pq"}, "prune.budget: only for structured"),
-                     ({"method": "sca", "sparsity": 0.5}, "prune.sparsity: only for method"),
+                     ({"method": "sca", "sparsity": 0.5}, "prune.sparsity: only for unstructured methods; method sca keeps channels"),
                      ({"method": "sca", "scope": "neuron"}, "prune.scope: only for method pq"),
                      ({"method": "criticality_unstructured", "sparsity": 0.5, "er_init": False},
                       "prune.er_init: only for method pq"),

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import SnnCompressError
-from ..recipe import DataCfg
+from ..config import DataCfg
 
 
 @dataclass

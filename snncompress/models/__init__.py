@@ -1,8 +1,6 @@
-"""Spiking model builders and their registry."""
+"""Spiking model builders (registered by name, see :mod:`snncompress.registry`) and user factories."""
 
-from . import resnet, vgg  # noqa: F401  (registers the builders)
-from .factory import FactoryError, build_factory_model, check_factory_string
-from .registry import create_model, is_trusted_factory, list_models, register_model, trust_factory
+from ..registry import MODELS, list_models, register_model
+from .factory import FactoryError, build_factory_model, create_model
 
-__all__ = ["FactoryError", "build_factory_model", "check_factory_string", "create_model", "is_trusted_factory",
-           "list_models", "register_model", "trust_factory"]
+__all__ = ["FactoryError", "MODELS", "build_factory_model", "create_model", "list_models", "register_model"]

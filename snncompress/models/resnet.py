@@ -23,7 +23,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer
 
 from .neuron import make_neuron
-from .registry import register_model
+from ..registry import register_model
 from .vgg import scaled
 
 

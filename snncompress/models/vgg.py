@@ -10,7 +10,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer
 
 from .neuron import make_neuron
-from .registry import register_model
+from ..registry import register_model
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 

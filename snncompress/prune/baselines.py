@@ -1,4 +1,4 @@
-"""Baselines (METHODS.md): random channels, filter L1 norm (Li et al. 2017), BN |gamma| (Liu et al. 2017).
+"""Baselines (docs/methods.md): random channels, filter L1 norm (Li et al. 2017), BN |gamma| (Liu et al. 2017).
 
 They read the weights when asked (no hooks): the score is the state of the weights at the end of the
 update window. A group with several member convs / BNs (residual coupling) gets the mean over members.
@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..recipe import PruneCfg
+from ..config import PruneCfg
+from ..registry import register_method
 from .gates import ChannelGroup
 from .scorer import Scorer, member_modules
 
 
+@register_method("random")
 class RandomScorer(Scorer):
     """Uniform random scores, drawn afresh for each update window from a generator seeded by the recipe seed.
 
@@ -40,6 +42,7 @@ class RandomScorer(Scorer):
         self._scores = {n: s.clone() for n, s in state["scores"].items()}
 
 
+@register_method("l1")
 class L1Scorer(Scorer):
     """``sum |W[c, :, :, :]|`` of each output filter, mean over the group's member convs."""
 
@@ -53,6 +56,7 @@ class L1Scorer(Scorer):
                 for n, convs in self._convs.items()}
 
 
+@register_method("bn")
 class BNScorer(Scorer):
     """``|gamma[c]|`` of the BatchNorm on each channel, mean over the group's member BNs (network slimming)."""
 

@@ -14,17 +14,18 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron, surrogate
 
-from ..recipe import PruneCfg
+from ..config import PruneCfg
+from ..registry import register_method
 from .baselines import BNScorer
 from .gates import ChannelGroup, neuron_of
-from .scorer import ChannelMeans, member_modules
+from .scorer import ChannelMeans, member_modules, model_device
 
 
 def criticality(v: torch.Tensor, v_threshold: float, alpha: float, kind: str = "atan") -> torch.Tensor:
     """The surrogate gradient of spikingjelly's ``kind`` at ``v - v_threshold``, normalised to peak 1.
 
     ``atan``: spikingjelly's ``ATan`` derivative is ``(alpha/2) / (1 + (pi/2 * alpha * x)^2)``, so
-    ``c = 1 / (1 + (pi/2 * alpha * x)^2)`` (METHODS.md's ``1 / (1 + (pi x)^2)`` is the case alpha = 2).
+    ``c = 1 / (1 + (pi/2 * alpha * x)^2)`` (docs/methods.md's ``1 / (1 + (pi x)^2)`` is the case alpha = 2).
     ``sigmoid``: the derivative is ``alpha * s * (1 - s)`` with ``s = sigmoid(alpha * x)``, peak alpha/4,
     so ``c = 4 * s * (1 - s)``. Dropping the peak height makes the score independent of alpha's scale
     and comparable across layers: 1 exactly at threshold, towards 0 far from it.
@@ -79,6 +80,7 @@ def _twin(node: neuron.BaseNode) -> neuron.BaseNode:
     raise ValueError(f"criticality: unsupported neuron {type(node).__name__}; supported: LIFNode, IFNode")
 
 
+@register_method("criticality")
 class CriticalityScorer(BNScorer):
     """Keep by |gamma| (:class:`BNScorer`); regrow by criticality; L1 penalty on gamma.
 
@@ -94,7 +96,7 @@ class CriticalityScorer(BNScorer):
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
         super().__init__(model, groups, cfg, seed)
-        self._criticality = ChannelMeans(groups)
+        self._criticality = ChannelMeans(groups, model_device(model))
         self._handles = []
         for g in groups:
             for gate_name, gate in zip(g.gates, member_modules(model, g.gates)):
@@ -129,16 +131,3 @@ class CriticalityScorer(BNScorer):
         if self.cfg.l1_gamma == 0:
             return torch.zeros(())
         return self.cfg.l1_gamma * sum(b.weight.abs().sum() for bns in self._bns.values() for b in bns)
-
-    def reset(self) -> None:
-        self._criticality.reset()
-
-    def state_dict(self) -> dict:
-        return self._criticality.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self._criticality.load_state_dict(state)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()

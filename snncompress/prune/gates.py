@@ -8,20 +8,20 @@ given to the optimiser) so that ``gate.grad`` -- the first-order effect of reope
 channel on the loss -- is available as the regrowth signal.
 
 Gates are attached to any spikingjelly model (built-in or user-supplied) by :func:`attach_gates`;
-Torch-Pruning knows how to prune them (:class:`GatePruner`), so its dependency graph tells which
-gates belong to which channel group, residual couplings included.
+which gates belong to which channel group comes from Torch-Pruning's dependency graph
+(:mod:`snncompress.prune.groups`).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
-from spikingjelly.activation_based import functional, neuron
+from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.neuron import BaseNode
+
+from ..models.steps import step_mode
 
 # neurons whose zero-input behaviour is known: with v_reset < v_threshold and v_threshold > 0 they
 # stay at rest and never fire when their input is 0
@@ -46,22 +46,6 @@ class ChannelGate(nn.Module):
     def set_mask(self, mask: torch.Tensor) -> None:
         with torch.no_grad():
             self.gate.copy_(mask.to(self.gate.dtype))
-
-
-class GatePruner(tp.pruner.function.BasePruningFunc):
-    """Teaches Torch-Pruning that a gate is a per-channel layer (in channels = out channels)."""
-
-    def prune_out_channels(self, layer: ChannelGate, idxs) -> ChannelGate:
-        keep = sorted(set(range(layer.gate.numel())) - set(idxs))
-        layer.gate = self._prune_parameter_and_grad(layer.gate, keep, 0)
-        return layer
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer: ChannelGate) -> int:
-        return layer.gate.numel()
-
-    get_in_channels = get_out_channels
 
 
 @dataclass
@@ -109,7 +93,7 @@ def attach_gates(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
                for n, m in nodes.items()]
     try:
         with torch.no_grad():
-            _single_step_forward(model, example_input)
+            single_step_forward(model, example_input)
     finally:
         for h in handles:
             h.remove()
@@ -141,83 +125,15 @@ def neuron_of(gate_name: str) -> str:
     return gate_name.rsplit(".", 1)[0]
 
 
-def _single_step_input(example_input: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+def single_step_input(example_input: torch.Tensor, ndim: int = 4) -> torch.Tensor:
     # graphs are traced in single-step mode: drop the time axis of [T,B,C,H,W]
     return example_input[0] if example_input.dim() == ndim + 1 else example_input
 
 
-def _single_step_forward(model: nn.Module, example_input: torch.Tensor):
-    functional.set_step_mode(model, "s")
-    try:
-        functional.reset_net(model)
-        return model(_single_step_input(example_input))
-    finally:
-        functional.reset_net(model)
-        functional.set_step_mode(model, "m")
-        functional.invalidate_reset_cache(model)
-
-
-def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning dependency graph of a spiking model, traced in single-step mode.
-
-    Multi-step tracing crashes or silently finds no coupling (DESIGN.md), so the model is switched
-    to 's' for the trace and back to 'm' afterwards. The classifier stays in the graph (its
-    in-features follow the last group); it is simply never used as a pruning root.
-    """
-    functional.set_step_mode(model, "s")
-    try:
-        functional.reset_net(model)
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=_single_step_input(example_input),
-                                                   customized_pruners={ChannelGate: GatePruner()})
-        functional.reset_net(model)
-    finally:
-        functional.set_step_mode(model, "m")
-        functional.invalidate_reset_cache(model)
-    return dg
-
-
-def classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose outputs are the class logits and must never be pruned (the last Linear/Conv)."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
-
-
-def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
-    """The prunable channel groups of a spiking model, in forward order.
-
-    Each group lists its member convs (whose output channels are coupled, e.g. by a residual add),
-    the BatchNorms on those channels, and the gates that enforce the group's mask (if attached).
-    On a gated model, a group whose channels reach no gate (e.g. a conv + BN feeding the readout
-    with no spiking neuron in between) cannot be masked, so it is left out: it stays dense.
-    """
-    check_supported(model)
-    gated = bool(gate_modules(model))
-    traced = copy.deepcopy(model)
-    names = {m: n for n, m in traced.named_modules()}
-    order = list(names.values())
-    dg = dependency_graph(traced, example_input)
-    classifier = classifier_layers(traced)
-
-    groups: list[ChannelGroup] = []
-    seen: set[str] = set()
-    for name, module in traced.named_modules():
-        if not isinstance(module, nn.Conv2d) or name in seen or module in classifier:
-            continue
-        group = dg.get_pruning_group(module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
-        members: dict[str, list[str]] = {"convs": [], "bns": [], "gates": []}
-        for dep, _ in group:
-            target = dep.target.module
-            kind = ("convs" if isinstance(target, nn.Conv2d) and dep.handler == tp.prune_conv_out_channels
-                    else "bns" if isinstance(target, nn.modules.batchnorm._BatchNorm)
-                    else "gates" if isinstance(target, ChannelGate) else None)
-            if kind and names[target] not in members[kind]:
-                members[kind].append(names[target])
-        for v in members.values():
-            v.sort(key=order.index)
-        seen.update(members["convs"])
-        if gated and not members["gates"]:
-            continue
-        groups.append(ChannelGroup(name=members["convs"][0], size=module.out_channels, **members))
-    return groups
+def single_step_forward(model: nn.Module, example_input: torch.Tensor):
+    """One single-step forward of the first time step of ``example_input`` (for tracing with hooks)."""
+    with step_mode(model, "s"):
+        return model(single_step_input(example_input))
 
 
 def kept_fraction(masks: dict[str, torch.Tensor]) -> float:

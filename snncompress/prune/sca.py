@@ -11,17 +11,19 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based.neuron import BaseNode
 
-from ..recipe import PruneCfg
+from ..config import PruneCfg
+from ..registry import register_method
 from .gates import ChannelGroup, neuron_of
-from .scorer import ChannelMeans, Scorer
+from .scorer import ChannelMeans, Scorer, model_device
 
 
+@register_method("sca")
 class ActivityScorer(Scorer):
     """Accumulates per-channel spiking activity of every group while the model trains."""
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
         super().__init__(model, groups, cfg, seed)
-        self._activity = ChannelMeans(groups)
+        self._activity = ChannelMeans(groups, model_device(model))
         self._handles = []
         modules = dict(model.named_modules())
         for g in groups:
@@ -42,16 +44,3 @@ class ActivityScorer(Scorer):
 
     def scores(self) -> dict[str, torch.Tensor]:
         return self._activity.means()
-
-    def reset(self) -> None:
-        self._activity.reset()
-
-    def state_dict(self) -> dict:
-        return self._activity.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self._activity.load_state_dict(state)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()

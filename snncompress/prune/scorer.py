@@ -1,16 +1,26 @@
-"""What a pruning method is: a scorer of channel groups. The selector and gates do the rest."""
+"""What a structured pruning method is: a scorer of channel groups. Selection, schedule and gates are shared.
+
+A new method is a :class:`Scorer` subclass registered by name::
+
+    @sc.register_method("my_method")
+    class MyScorer(Scorer):
+        def scores(self):  # per group, one score per channel (higher = keep)
+            ...
+
+or named in a recipe as ``prune.method: "package.module:MyScorer"`` (imported only when trusted).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..recipe import PruneCfg
+from ..config import PruneCfg
 from .gates import ChannelGroup
 
 
 class Scorer:
-    """Base of every pruning method, built as ``Scorer(model, groups, cfg, seed)``.
+    """Base of every structured method, built as ``Scorer(model, groups, cfg, seed)``.
 
     :meth:`scores` (higher = keep) is the only required method; the defaults below are those of a
     method that needs no training-loss term and uses the selector's default regrowth signal
@@ -22,7 +32,7 @@ class Scorer:
         self.cfg = cfg if cfg is not None else PruneCfg()
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Per group, one float64 score per channel (higher = keep)."""
+        """Per group, one score per channel (higher = keep)."""
         raise NotImplementedError
 
     def regrowth_scores(self) -> dict[str, torch.Tensor] | None:
@@ -33,53 +43,79 @@ class Scorer:
         """Term added to the training loss (e.g. an L1 penalty); 0 for most methods."""
         return torch.zeros(())
 
+    # The defaults below cover a scorer whose window state is its ChannelMeans attributes.
+    def _means(self) -> dict[str, ChannelMeans]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, ChannelMeans)}
+
     def reset(self) -> None:
         """Start a new update window."""
+        for m in self._means().values():
+            m.reset()
 
-    def accumulators(self) -> list["ChannelMeans"]:
-        """The statistics this process gathered in the window; under torchrun they are summed over
-        all processes before each selection. Default: every :class:`ChannelMeans` attribute (a
-        scorer that accumulates in some other form overrides this)."""
-        return [v for v in vars(self).values() if isinstance(v, ChannelMeans)]
+    def statistics(self) -> list[torch.Tensor]:
+        """The statistics this process gathered in the window (summed over all processes under torchrun
+        before each selection)."""
+        return [t for m in self._means().values() for t in m.tensors()]
 
     def remove(self) -> None:
-        """Remove hooks."""
+        """Remove the scorer's hooks (those it keeps in ``self._handles``)."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
 
     def state_dict(self) -> dict:
         """What an exact resume in the middle of an update window needs (tensors and plain data)."""
-        return {}
+        return {k: m.state_dict() for k, m in self._means().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for k, m in self._means().items():
+            m.load_state_dict(state[k])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class ChannelMeans:
-    """Per-group running means of per-channel statistics over an update window."""
+    """Per-group running means of per-channel statistics over an update window.
 
-    def __init__(self, groups: list[ChannelGroup]):
-        self.sum = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-        self.count = {g.name: 0 for g in groups}
+    The sums and counts stay on the model's device (float64): adding to them never waits for the
+    device; they reach the host only when a mask update or a checkpoint reads them.
+    """
+
+    def __init__(self, groups: list[ChannelGroup], device: torch.device | str = "cpu"):
+        self.sum = {g.name: torch.zeros(g.size, dtype=torch.float64, device=device) for g in groups}
+        self._index = {g.name: i for i, g in enumerate(groups)}
+        self.count = torch.zeros(len(groups), dtype=torch.float64, device=device)
 
     def add(self, group: str, total: torch.Tensor, n: int) -> None:
         """Add ``total`` (per channel, summed over ``n`` observations)."""
-        self.sum[group] += total.detach().double().cpu()
-        self.count[group] += n
+        self.sum[group] += total.detach()
+        self.count[self._index[group]] += n
 
     def means(self) -> dict[str, torch.Tensor]:
-        return {g: self.sum[g] / max(1, self.count[g]) for g in self.sum}
+        """Per group, the mean per channel (on the host, float64)."""
+        counts = self.count.cpu()
+        return {g: self.sum[g].cpu() / max(1.0, float(counts[i])) for g, i in self._index.items()}
+
+    def counts(self) -> dict[str, int]:
+        return {g: int(c) for g, c in zip(self._index, self.count.cpu().tolist())}
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every accumulator tensor (what is summed across processes)."""
+        return [*self.sum.values(), self.count]
 
     def reset(self) -> None:
-        for g in self.sum:
-            self.sum[g].zero_()
-            self.count[g] = 0
+        for t in self.tensors():
+            t.zero_()
 
     def state_dict(self) -> dict:
-        return {"sum": {g: t.clone() for g, t in self.sum.items()}, "count": dict(self.count)}
+        return {"sum": {g: t.cpu().clone() for g, t in self.sum.items()}, "count": self.counts()}
 
     def load_state_dict(self, state: dict) -> None:
         for g, t in state["sum"].items():
             self.sum[g].copy_(t)
-        self.count.update(state["count"])
+        for g, c in state["count"].items():
+            self.count[self._index[g]] = c
 
 
 def member_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:

@@ -1,4 +1,4 @@
-"""Selectors: turn channel scores into keep-masks under a budget, and the budget's schedule."""
+"""Selectors: turn channel scores into keep-masks under a budget (global, per group from the PQ index, rounded)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,7 @@ import math
 
 import torch
 
-from ..recipe import PruneCfg
 from .pq import pq_index, pq_prune_ratio
-
-
-def keep_fraction_at(cfg: PruneCfg, epoch: int) -> float:
-    """Target keep fraction for the mask update made at the end of ``epoch`` (0-based).
-
-    Dense (1.0) during warm-up, then a cubic ramp (Zhu & Gupta 2017) that reaches ``cfg.keep`` after
-    ``ramp_epochs`` epochs and stays there.
-    """
-    if epoch < cfg.warmup_epochs:
-        return 1.0
-    t = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.ramp_epochs)
-    return cfg.keep + (1.0 - cfg.keep) * (1.0 - t) ** 3
-
-
-def is_update_epoch(cfg: PruneCfg, epochs: int, epoch: int) -> bool:
-    """Masks are recomputed at the end of this epoch (not during warm-up or the frozen fine-tune)."""
-    if epoch < cfg.warmup_epochs or epoch >= epochs - cfg.finetune_epochs:
-        return False
-    return (epoch - cfg.warmup_epochs) % cfg.update_every == 0
 
 
 def select_masks(
@@ -59,14 +39,14 @@ def select_masks(
 
     for i, size in enumerate(sizes):
         k = min(min_channels, size)
-        top = _top(act[offsets[i]:offsets[i + 1]], k)
+        top = top_k(act[offsets[i]:offsets[i + 1]], k)
         keep[offsets[i] + top] = True
 
     n_act = n_keep - n_regrow - int(keep.sum())
     if n_act > 0:
-        keep[_top(act.masked_fill(keep, -math.inf), n_act)] = True
+        keep[top_k(act.masked_fill(keep, -math.inf), n_act)] = True
     if n_regrow > 0:
-        keep[_top(grow.masked_fill(keep, -math.inf), n_regrow)] = True
+        keep[top_k(grow.masked_fill(keep, -math.inf), n_regrow)] = True
     return {n: keep[offsets[i]:offsets[i + 1]].clone() for i, n in enumerate(names)}
 
 
@@ -81,7 +61,7 @@ def pq_budgets(
     beta: float = 0.9,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, int]:
-    """Channels each group keeps: its PQ budget (METHODS.md, our structured extension), scaled to the schedule.
+    """Channels each group keeps: its PQ budget (docs/methods.md, our structured extension), scaled to the schedule.
 
     For group l of size d_l, with o_l open channels (``masks``; all if None) and m_l = min(min_channels, d_l):
     ``ratio_l = pq_prune_ratio(pq_index(scores_l[open]), o_l)`` -- the index over the unmasked entries, as
@@ -138,17 +118,16 @@ def select_masks_budgeted(
         size, n_keep = s.numel(), budgets[n]
         n_regrow = max(0, min(round(regrow_share * n_keep), n_keep - min(min_channels, size)))
         keep = torch.zeros(size, dtype=torch.bool)
-        keep[_top(s.double().flatten(), n_keep - n_regrow)] = True
+        keep[top_k(s.double().flatten(), n_keep - n_regrow)] = True
         if n_regrow > 0:
-            keep[_top(regrowth[n].double().flatten().masked_fill(keep, -math.inf), n_regrow)] = True
+            keep[top_k(regrowth[n].double().flatten().masked_fill(keep, -math.inf), n_regrow)] = True
         out[n] = keep
     return out
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores; stable, so ties go to the lower index."""
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of a 1-D tensor; stable, so ties go to the lower index."""
     return torch.sort(scores, descending=True, stable=True).indices[:k]
-
 
 
 def round_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
@@ -163,6 +142,6 @@ def round_masks(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
         target = min(mask.numel(), -(-kept // multiple) * multiple)
         mask = mask.clone()
         if target > kept:
-            mask[_top(scores[name].double().masked_fill(mask, -math.inf), target - kept)] = True
+            mask[top_k(scores[name].double().masked_fill(mask, -math.inf), target - kept)] = True
         out[name] = mask
     return out

@@ -1,9 +1,9 @@
 """Unstructured (weight-level) pruning during training: criticality-guided GMP, and PQ rewiring.
 
-- ``criticality_unstructured`` (Chen, Liu, You; METHODS.md §2): gradual global magnitude pruning to
+- ``criticality_unstructured`` (Chen, Liu, You; docs/methods.md): gradual global magnitude pruning to
   ``s_t = s_f * (1 - (1 - t/T)^3)``; at each update a share ``1 - r`` of the kept weights is chosen by
   magnitude and the rest among the pruned weights whose output channel is most critical.
-- ``pq`` (Shen, Xu, Pan, Chen with Diao et al.'s PQ index; METHODS.md §3): sparse from the start
+- ``pq`` (Shen, Xu, Pan, Chen with Diao et al.'s PQ index; docs/methods.md): sparse from the start
   (Erdős–Rényi-kernel densities); at each update every scope (a layer, or an output neuron) prunes the
   fraction set by its PQ index by magnitude and regrows as many by accumulated gradient (RigL-style).
 
@@ -14,35 +14,21 @@ filters end up entirely pruned get their gate closed, so ``slim`` removes them e
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from ..distributed import sum_across_ranks
-from ..recipe import PruneCfg
-from .controller import DynamicPruner
+from ..config import PruneCfg
+from ..errors import SnnCompressError
+from ..registry import register_method
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
 from .pq import pq_index, pq_prune_ratio
-from .select import is_update_epoch
+from .schedule import is_update_epoch, sparsity_at
+from .select import top_k
 from .weights import (WeightMasks, channel_masks, ensure_rows, er_densities, maskable_layers, pack_masks,
                       random_masks, round_half_up, unpack_masks)
-
-
-def sparsity_at(cfg: PruneCfg, epoch: int) -> float:
-    """Target sparsity of the update at the end of ``epoch``: ``s_f * (1 - (1 - t/T)^3)``.
-
-    ``t = epoch - warmup_epochs + 1`` update epochs into the ramp (capped at ``T = ramp_epochs``); 0 during warm-up.
-    """
-    if epoch < cfg.warmup_epochs:
-        return 0.0
-    t = min(cfg.ramp_epochs, epoch - cfg.warmup_epochs + 1)
-    return cfg.sparsity * (1.0 - (1.0 - t / cfg.ramp_epochs) ** 3)
-
-
-def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries of a 1-D tensor; ties go to the lower index."""
-    return torch.sort(score, descending=True, stable=True).indices[:k]
 
 
 def magnitude_criticality_masks(weights: dict[str, torch.Tensor], criticality: dict[str, torch.Tensor | None],
@@ -63,7 +49,7 @@ def magnitude_criticality_masks(weights: dict[str, torch.Tensor], criticality: d
     n_keep = min(n_keep, flat_w.numel())
     n_crit = round_half_up(regrow_share * n_keep)
     keep = torch.zeros(flat_w.numel(), dtype=torch.bool)
-    keep[_top(flat_w, n_keep - n_crit)] = True
+    keep[top_k(flat_w, n_keep - n_crit)] = True
     if n_crit > 0:
         # lexicographic (criticality, |w|, -index): stable sorts, least significant key first
         by_w = torch.sort(flat_w, descending=True, stable=True).indices
@@ -99,42 +85,42 @@ def pq_rewire(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, cfg:
         if n == 0:
             continue
         out = m.clone()
-        out[_top((-w.abs()).masked_fill(~m, -math.inf), n)] = False  # smallest magnitudes among the kept
-        out[_top(g.abs().masked_fill(m, -math.inf), n)] = True  # largest gradients among the previously pruned
+        out[top_k((-w.abs()).masked_fill(~m, -math.inf), n)] = False  # smallest magnitudes among the kept
+        out[top_k(g.abs().masked_fill(m, -math.inf), n)] = True  # largest gradients among the previously pruned
         new[r] = out.view(new[r].shape)
         rewired += n
     return new, rewired
 
 
 class WeightPruner:
-    """Owns the weight masks of a gated model while it trains (same protocol as :class:`DynamicPruner`).
+    """Owns the weight masks of a gated model while it trains (implements
+    :class:`~snncompress.prune.pruner.Pruner`); a method subclasses it with :meth:`initial_masks` and
+    :meth:`update_masks`.
 
-    ``after_backward`` accumulates the dense gradient (pq's regrowth signal) and zeroes the pruned
-    weights' gradients; ``after_step`` re-zeroes pruned weights; ``end_epoch`` updates the masks when
-    the schedule says so. The channel gates follow the weight masks (closed iff the filter is empty).
+    ``after_backward`` zeroes the pruned weights' gradients; ``after_step`` re-zeroes pruned weights;
+    ``end_epoch`` updates the masks when the schedule says so. The channel gates follow the weight
+    masks (closed iff the filter is empty).
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
                  optimizer: torch.optim.Optimizer | None = None):
+        if cfg.sparsity is None:
+            raise SnnCompressError(f"prune.sparsity: required for method {cfg.method} (it prunes weights)")
         self.model, self.groups, self.cfg, self.epochs, self.optimizer = model, groups, cfg, epochs, optimizer
         self.layers = maskable_layers(model)
         self.weights = WeightMasks(self.layers)
         self._gates = gate_modules(model)
-        self._grad = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in self.layers.items()} \
-            if cfg.method == "pq" else {}
-        self.scorer = CriticalityScorer(model, groups, cfg, seed) if cfg.method == "criticality_unstructured" else None
         self.history: list[dict] = []
-        if cfg.method == "pq":
-            self._set(self._initial_pq_masks(seed))
-        else:
-            self._set(self.weights.cpu())
+        self._set(self.initial_masks(seed))
 
-    def _initial_pq_masks(self, seed: int) -> dict[str, torch.Tensor]:
-        shapes = {n: tuple(m.weight.shape) for n, m in self.layers.items()}
-        density = 1.0 - self.cfg.sparsity
-        dens = er_densities(list(shapes.values()), density) if self.cfg.er_init else [density] * len(shapes)
-        gen = torch.Generator().manual_seed(seed)
-        return random_masks(shapes, dict(zip(shapes, dens)), gen, self.cfg.min_channels)
+    def initial_masks(self, seed: int) -> dict[str, torch.Tensor]:
+        """The masks training starts from (default: dense)."""
+        return self.weights.cpu()
+
+    def update_masks(self, weights: dict[str, torch.Tensor], old: dict[str, torch.Tensor],
+                     epoch: int) -> tuple[dict[str, torch.Tensor], float]:
+        """New masks at an update, and the sparsity targeted."""
+        raise NotImplementedError
 
     def _set(self, masks: dict[str, torch.Tensor]) -> None:
         self.weights.set(masks)
@@ -142,28 +128,19 @@ class WeightPruner:
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Channel masks (the gates), as :class:`DynamicPruner` has them."""
+        """Channel masks (the gates), as :class:`~snncompress.prune.structured.ChannelPruner` has them."""
         return get_masks(self.model, self.groups)
 
     def kept_fraction(self) -> float:
         return kept_fraction(self.masks)
 
-    def connectivity(self) -> float:
-        """Fraction of conv + linear weights kept."""
-        return self.weights.density()
-
     def at_target(self) -> bool:
-        if self.cfg.method == "pq":
-            return True  # at its sparsity from the start
         return bool(self.history) and self.history[-1]["sparsity_target"] >= self.cfg.sparsity - 1e-9
 
     def penalty(self) -> torch.Tensor:
         return torch.zeros(())
 
     def after_backward(self) -> None:
-        for n, m in self.layers.items():
-            if n in self._grad and m.weight.grad is not None:
-                self._grad[n] += m.weight.grad.detach().double()
         self.weights.mask_grads()
         for gate in self._gates.values():  # gates follow the weight masks; their gradient is not used
             gate.gate.grad = None
@@ -171,83 +148,139 @@ class WeightPruner:
     def after_step(self) -> None:
         self.weights.apply()
 
-    def end_epoch(self, epoch: int) -> dict | None:
+    def statistics(self) -> list[torch.Tensor]:
+        return []
+
+    def end_epoch(self, epoch: int, reduce: Callable[[list[torch.Tensor]], None] | None = None) -> dict | None:
         """Update the weight masks if this epoch ends an update window; return the history entry."""
         if not is_update_epoch(self.cfg, self.epochs, epoch):
             return None
+        if reduce is not None:  # under torchrun: every rank selects from the statistics of all ranks
+            reduce(self.statistics())
         old = self.weights.cpu()
         weights = {n: m.weight.detach() for n, m in self.layers.items()}
-        entry: dict = {"epoch": epoch}
-        if self.cfg.method == "pq":
-            new, rewired = {}, 0
-            for n in self.layers:
-                new[n], k = pq_rewire(weights[n], old[n], self._grad[n], self.cfg)
-                rewired += k
-            entry["sparsity_target"] = self.cfg.sparsity
-        else:
-            s_t = sparsity_at(self.cfg, epoch)
-            total = sum(m.numel() for m in old.values())
-            # under torchrun: the criticality window summed over all ranks, so all pick the same masks
-            # (pq needs no reduction: its gradient sums are of DDP's already-averaged gradients)
-            sum_across_ranks(self.scorer.accumulators())
-            crit = self.scorer.criticality_scores()
-            per_layer: dict[str, torch.Tensor | None] = {n: None for n in self.layers}
-            for g in self.groups:
-                for conv in g.convs:
-                    per_layer[conv] = crit[g.name]
-            new = magnitude_criticality_masks(weights, per_layer, round_half_up((1.0 - s_t) * total),
-                                              self.cfg.weight_regrow)
-            entry["sparsity_target"] = s_t
+        new, target = self.update_masks(weights, old, epoch)
         new = {n: ensure_rows(m, weights[n].abs().cpu(), self.cfg.min_channels) for n, m in new.items()}
         changed = {n: old[n] ^ new[n] for n in new}
         self._set(new)
         self.weights.reset_optimizer_state(self.optimizer, changed)
-        if self.scorer is not None:
-            self.scorer.reset()
-        for g in self._grad.values():
-            g.zero_()
         ch = self.masks
-        entry.update({
+        entry = {
+            "epoch": epoch, "sparsity_target": target,
             "connectivity": self.weights.density(),
             "pruned": sum(int((old[n] & ~new[n]).sum()) for n in new),
             "regrown": sum(int((~old[n] & new[n]).sum()) for n in new),
             "kept": {n: int(m.sum()) for n, m in ch.items()},
             "masks": {n: m.clone() for n, m in ch.items()},
-        })
+        }
         self.history.append(entry)
         return entry
 
-    def all_masks(self) -> dict[str, torch.Tensor]:
+    def agreement(self) -> dict[str, torch.Tensor]:
         """Channel and weight masks together (what every rank must agree on)."""
         return {**self.masks, **{f"weights:{n}": m for n, m in self.weights.cpu().items()}}
 
-    def packed_masks(self) -> dict[str, dict]:
-        return pack_masks(self.weights.cpu())
+    def metrics(self) -> dict[str, float]:
+        return {"connectivity": self.weights.density()}
+
+    def checkpoint_entries(self) -> dict:
+        return {"weight_masks": pack_masks(self.weights.cpu())}
 
     def state_dict(self) -> dict:
-        """Weight masks (bit-packed), the regrowth accumulators and the criticality window."""
-        return {"weight_masks": self.packed_masks(), "grad": {n: g.cpu().clone() for n, g in self._grad.items()},
-                "scorer": self.scorer.state_dict() if self.scorer is not None else {}}
+        """Weight masks (bit-packed) and the method's window state."""
+        return {"weight_masks": pack_masks(self.weights.cpu()), **self._window_state()}
+
+    def _window_state(self) -> dict:
+        return {}
+
+    def _load_window_state(self, state: dict) -> None:
+        pass
 
     def load_state_dict(self, state: dict, masks: dict[str, torch.Tensor], history: list[dict]) -> None:
         self._set(unpack_masks(state["weight_masks"]))
-        for n, g in self._grad.items():
-            g.copy_(state["grad"][n])
-        if self.scorer is not None:
-            self.scorer.load_state_dict(state["scorer"])
+        self._load_window_state(state)
         self.history = [dict(h) for h in history]
         if any(not torch.equal(self.masks[g], torch.as_tensor(m, dtype=torch.bool)) for g, m in masks.items()):
             raise ValueError("channel masks do not follow the weight masks")
 
     def remove(self) -> None:
         self.weights.remove()
-        if self.scorer is not None:
-            self.scorer.remove()
 
 
-def make_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
-                optimizer: torch.optim.Optimizer | None = None) -> DynamicPruner | WeightPruner:
-    """The training-time pruner of ``cfg.method``: channel masks, or weight masks."""
-    if cfg.unstructured:
-        return WeightPruner(model, groups, cfg, epochs, seed, optimizer)
-    return DynamicPruner(model, groups, cfg, epochs, seed)
+@register_method("criticality_unstructured", family="unstructured")
+class CriticalityWeightPruner(WeightPruner):
+    """Gradual global magnitude pruning; a share ``weight_regrow`` of the kept weights chosen by the
+    criticality of their output channel (:func:`magnitude_criticality_masks`)."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.scorer = CriticalityScorer(model, groups, cfg, seed)
+        super().__init__(model, groups, cfg, epochs, seed, optimizer)
+
+    def statistics(self) -> list[torch.Tensor]:
+        return self.scorer.statistics()
+
+    def update_masks(self, weights, old, epoch):
+        s_t = sparsity_at(self.cfg, epoch)
+        total = sum(m.numel() for m in old.values())
+        crit = self.scorer.criticality_scores()
+        per_layer: dict[str, torch.Tensor | None] = {n: None for n in self.layers}
+        for g in self.groups:
+            for conv in g.convs:
+                per_layer[conv] = crit[g.name]
+        new = magnitude_criticality_masks(weights, per_layer, round_half_up((1.0 - s_t) * total),
+                                          self.cfg.weight_regrow)
+        self.scorer.reset()
+        return new, s_t
+
+    def _window_state(self) -> dict:
+        return {"scorer": self.scorer.state_dict()}
+
+    def _load_window_state(self, state: dict) -> None:
+        self.scorer.load_state_dict(state["scorer"])
+
+    def remove(self) -> None:
+        super().remove()
+        self.scorer.remove()
+
+
+@register_method("pq", family="unstructured")
+class PQWeightPruner(WeightPruner):
+    """Sparse from the start (Erdős–Rényi-kernel densities); each update rewires every scope by its PQ index
+    (:func:`pq_rewire`), regrowing by the gradient accumulated over the window (of DDP-averaged gradients
+    under torchrun, so it needs no reduction of its own)."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None):
+        layers = maskable_layers(model)
+        self._grad = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in layers.items()}
+        super().__init__(model, groups, cfg, epochs, seed, optimizer)
+
+    def initial_masks(self, seed: int) -> dict[str, torch.Tensor]:
+        shapes = {n: tuple(m.weight.shape) for n, m in self.layers.items()}
+        density = 1.0 - self.cfg.sparsity
+        dens = er_densities(list(shapes.values()), density) if self.cfg.er_init else [density] * len(shapes)
+        gen = torch.Generator().manual_seed(seed)
+        return random_masks(shapes, dict(zip(shapes, dens)), gen, self.cfg.min_channels)
+
+    def at_target(self) -> bool:
+        return True  # at its sparsity from the start
+
+    def after_backward(self) -> None:
+        for n, m in self.layers.items():
+            if m.weight.grad is not None:
+                self._grad[n] += m.weight.grad.detach()
+        super().after_backward()
+
+    def update_masks(self, weights, old, epoch):
+        new = {n: pq_rewire(weights[n], old[n], self._grad[n], self.cfg)[0] for n in self.layers}
+        for g in self._grad.values():
+            g.zero_()
+        return new, self.cfg.sparsity
+
+    def _window_state(self) -> dict:
+        return {"grad": {n: g.cpu().clone() for n, g in self._grad.items()}}
+
+    def _load_window_state(self, state: dict) -> None:
+        for n, g in self._grad.items():
+            g.copy_(state["grad"][n])

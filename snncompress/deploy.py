@@ -1,17 +1,20 @@
-"""The export stage: unroll the T time steps into a static ONNX graph, simplify, verify with onnxruntime."""
+"""How a trained spiking model runs where it is deployed: its T time steps unrolled into one static graph
+(lean neuron arithmetic, optional BatchNorm folding), that graph in ONNX, and the runtimes that run it.
+
+The export stage writes and verifies these graphs; the bench stage times them; benchmarks/speedup.py
+measures exactly the graph that export writes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import tempfile
 import io
-import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -22,14 +25,26 @@ from spikingjelly.activation_based import functional, neuron
 from spikingjelly.activation_based.base import StepModule
 from spikingjelly.activation_based.neuron import BaseNode
 
-from . import __version__
-from .artifacts import atomic_path, load_checkpoint, sha256
-from .checkpoint import model_from_checkpoint, recipe_of
-from .data import eval_batches, graph_input, load_dataset, to_steps
-from .errors import SnnCompressError, VerificationError
-from .verify import TOLERANCE
+from .artifacts import sha256
+from .data import eval_batches, to_steps
+from .errors import SnnCompressError
+from .prune.gates import single_step_forward
 
 ONNX_FORMAT = "snncompress.onnx/1"
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the level of the named loggers (the root logger for ``""``) for the block, then restore them."""
+    loggers = [logging.getLogger(n or None) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
 
 
 UNROLL_ORDERS = ("step", "layer")
@@ -65,55 +80,6 @@ class UnrolledSNN(nn.Module):
                 m.v = None
         steps = [x] * self.T if self.encoding == "direct" else x.unbind(1)
         return torch.stack([self.net(x_t) for x_t in steps]).mean(0)
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    n_samples: int
-    max_abs_diff: float  # onnxruntime vs the exported PyTorch model
-    nodes: int
-    order: str  # how the time steps were unrolled: step or layer
-    fold_agreement: float | None = None  # with fold_bn: share of test predictions unchanged by the fold
-    int8: dict | None = None  # with int8: {path, accuracy_fp32, accuracy_int8, agreement}
-
-
-def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:
-    """int8 weights, activations quantised per call (onnxruntime dynamic quantisation).
-
-    A spike tensor ({0, 1}) gets scale 1/255 and zero point 0, so spikes stay exact; the weights
-    (and the analog input of the first layer) are approximated.
-    """
-    import logging as _logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    _logging.getLogger().setLevel(_logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
-    with tempfile.TemporaryDirectory() as d, atomic_path(out_path) as tmp:
-        src = Path(d) / "fp32.onnx"
-        onnx.save(_unshare_gemm_weights(proto), str(src))
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-
-
-def _unshare_gemm_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which every Gemm has its own weight initializer.
-
-    The quantiser rewrites a Gemm into a MatMul by transposing its weight in place, so a weight
-    shared by the T steps of a step-unrolled readout ends up transposed twice.
-    """
-    proto = copy.deepcopy(proto)
-    inits = {i.name: i for i in proto.graph.initializer}
-    seen: set[str] = set()
-    for node in proto.graph.node:
-        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        if node.input[1] in seen:
-            twin = copy.deepcopy(inits[node.input[1]])
-            twin.name = f"{node.input[1]}__{node.name}"
-            proto.graph.initializer.append(twin)
-            node.input[1] = twin.name
-        seen.add(node.input[1])
-    return proto
 
 
 class LeanNeuron(nn.Module, StepModule):
@@ -172,6 +138,25 @@ class LeanNeuron(nn.Module, StepModule):
         return s, torch.where(h >= self.v_threshold, r, h)
 
 
+@torch.no_grad()
+def steps_unroll_exactly(model: nn.Module, inputs: torch.Tensor, T: int, encoding: str) -> bool:
+    """Whether ``model`` computes the same logits run step by step as run layer by layer (PyTorch, on a copy).
+
+    Step order runs the network once per step and averages the readout over the steps, as the built-in
+    models do; a model whose forward fails in single-step mode, or whose readout is not that mean (e.g.
+    a sum over steps), must be unrolled layer by layer.
+    """
+    net = copy.deepcopy(model).eval()
+    layer = UnrolledSNN(net, T, encoding, "layer")(inputs)
+    try:
+        step = UnrolledSNN(net, T, encoding, "step")(inputs)
+    except Exception:  # a forward written for multi-step input only: it cannot run step by step
+        return False
+    finally:
+        functional.set_step_mode(net, "m")
+    return step.shape == layer.shape and bool(torch.allclose(step, layer, rtol=1e-4, atol=1e-5))
+
+
 def lean_neurons(model: nn.Module) -> int:
     """Replace every plain IF/LIF neuron by a :class:`LeanNeuron` (in place); returns how many."""
     nodes = [(n, m) for n, m in model.named_modules() if type(m) in (neuron.IFNode, neuron.LIFNode)]
@@ -189,8 +174,6 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    from .prune.gates import _single_step_forward
-
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # tensors kept alive so that ids are not reused
     pairs: list[tuple[str, str]] = []
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -201,7 +184,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
                                             if id(a[0]) in outputs else None) for n, m in bns.items()]
     try:
         with torch.no_grad():
-            _single_step_forward(model.eval(), example)
+            single_step_forward(model.eval(), example)
     finally:
         for h in handles:
             h.remove()
@@ -244,17 +227,16 @@ def unrolled_onnx(model: nn.Module, example: torch.Tensor, T: int, encoding: str
     net = copy.deepcopy(model)
     if lean:
         lean_neurons(net)
-    return _to_onnx(UnrolledSNN(net, T, encoding, order).eval(), example)
+    return to_onnx(UnrolledSNN(net, T, encoding, order).eval(), example)
 
 
-def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     """Dynamo export (the TorchScript exporter cannot handle spikingjelly 2.0 neurons) + onnxsim."""
     import onnxsim
 
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers("torch.onnx"):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes={"x": {0: batch}},
                                     input_names=["input"], output_names=["logits"], verbose=False)
     proto = program.model_proto
@@ -268,93 +250,6 @@ def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     return proto
 
 
-def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, fold_bn: bool = False,
-                lean: bool = True, int8: bool = False, order: str = "auto", trust_factory: bool = False) -> ExportResult:
-    """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
-
-    onnxruntime must give the same predictions as PyTorch and max |Δlogit| ≤ 1e-4, else
-    :class:`VerificationError` and nothing is written. ``fold_bn`` folds BatchNorms into their convs
-    first (fewer, cheaper ops; the result reports how many test predictions the fold left unchanged).
-    ``lean`` exports IF/LIF neurons as :class:`LeanNeuron` (about half the ONNX ops per step, same
-    spikes); ``order`` is how the time steps are unrolled (see :class:`UnrolledSNN`): ``auto``
-    takes ``step`` and falls back to ``layer`` where the step-unrolled graph fails (a model whose
-    readout is not the mean over the steps). The verification always compares with the original
-    spikingjelly model. ``int8`` also
-    writes ``<out>.int8.onnx`` (int8 weights, see :func:`quantize_int8`) and reports its accuracy.
-    ``trust_factory``: see :func:`snncompress.load_model`.
-    """
-    ckpt_path = Path(ckpt_path)
-    out_path = Path(out_path) if out_path else ckpt_path.with_suffix(".onnx")
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
-    meta = ckpt["data"]
-    T, enc = meta["T"], meta["encoding"]
-    recipe = recipe_of(ckpt)
-    data = load_dataset(recipe.data, recipe.seed)
-    fold_agreement = None
-    if fold_bn:
-        from .training import evaluate
-
-        before = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
-        fold_batchnorm(model, to_steps(graph_input(data.x_test[:2], T, enc), T, enc))
-        after = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
-        fold_agreement = float((before == after).float().mean())
-    wrapper = UnrolledSNN(model, T, enc).eval()  # the reference: the model as trained
-    with torch.no_grad():
-        reference = torch.cat([wrapper(inp) for inp in eval_batches(data.x_test, T, enc)]).numpy()
-    example = graph_input(data.x_test[:2], T, enc)
-    try:
-        used = "step" if order == "auto" else order
-        proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
-    except SnnCompressError:
-        if order != "auto":
-            raise
-        # a user model whose readout is not the mean over steps cannot be unrolled step by step
-        used = "layer"
-        proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
-    direct = meta["encoding"] == "direct"
-    props = {"format": ONNX_FORMAT, "snncompress_version": __version__, "T": str(meta["T"]),
-             "encoding": meta["encoding"],
-             "input_layout": "NCHW (one image; the graph repeats it over T)" if direct
-             else "NTCHW (the spike or frame sequence)",
-             "input_shape": json.dumps(["batch", *([] if direct else [meta["T"]]), *meta["input_shape"]]),
-             "normalisation": json.dumps({"mean": meta["mean"], "std": meta["std"], "formula": "(x - mean) / std"}),
-             "classes": json.dumps(meta["classes"]), "source_checkpoint": ckpt_path.name,
-             "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": str(fold_bn),
-             "lean_neurons": str(lean), "unroll_order": used}
-    onnx.helper.set_model_props(proto, props)
-    with atomic_path(out_path) as tmp:
-        onnx.save(proto, str(tmp))
-    quantized = None
-    if int8:
-        q_path = out_path.with_suffix(".int8.onnx")
-        onnx.helper.set_model_props(proto, {**props, "int8_weights": "True"})
-        quantize_int8(proto, q_path)
-        q_logits = run_onnx(ort_session(q_path), data.x_test, T, enc)
-        y = data.y_test.numpy()
-        quantized = {"path": str(q_path), "accuracy_fp32": float((got.argmax(1) == y).mean()),
-                     "accuracy_int8": float((q_logits.argmax(1) == y).mean()),
-                     "agreement": float((q_logits.argmax(1) == got.argmax(1)).mean())}
-    return ExportResult(out_path, len(got), diff, len(proto.graph.node), used, fold_agreement, quantized)
-
-
-def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndarray, x: torch.Tensor, T: int,
-                     encoding: str, lean: bool, order: str, source: Path) -> tuple[onnx.ModelProto, np.ndarray, float]:
-    """(ONNX model, its logits on ``x``, max |Δlogit| against ``reference``) or an error."""
-    try:
-        proto = unrolled_onnx(model, example, T, encoding, lean, order)
-    except Exception as e:  # the exporter raises many types; report it on one line
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise SnnCompressError(f"{source}: ONNX export failed ({type(e).__name__}: {msg})") from e
-    got = run_onnx(ort_session(proto.SerializeToString()), x, T, encoding)
-    diff = float(np.abs(got - reference).max())
-    same = bool((got.argmax(1) == reference.argmax(1)).all())
-    if not same or diff > TOLERANCE:
-        raise VerificationError(f"onnxruntime disagrees with PyTorch (max |Δlogit| {diff:.3g}, same predictions: "
-                                f"{same}, unrolled by {order}); nothing written")
-    return proto, got, diff
-
-
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata snncompress wrote into an ONNX file; refuses files it did not write."""
     try:
@@ -365,3 +260,11 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     if props.get("format") != ONNX_FORMAT:
         raise SnnCompressError(f"{path}: not an ONNX model written by snncompress (no '{ONNX_FORMAT}' metadata)")
     return props
+
+
+def exported_from(onnx_path: Path, ckpt_path: Path) -> bool:
+    """Whether ``onnx_path`` exists and was exported from exactly ``ckpt_path``."""
+    try:
+        return onnx_path.exists() and read_onnx_metadata(onnx_path).get("source_sha256") == sha256(ckpt_path)
+    except SnnCompressError:
+        return False

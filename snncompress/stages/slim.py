@@ -7,17 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from spikingjelly.activation_based import functional
-from torch.utils.flop_counter import FlopCounterMode
 
-from .artifacts import CKPT_FORMAT, SLIM_FORMAT, load_checkpoint, save_torch, sha256
-from .checkpoint import example_input, model_from_checkpoint, recipe_of
-from .data import encode, load_dataset
-from .errors import SnnCompressError, VerificationError
-from .prune.gates import channel_groups, neuron_of
-from .prune.surgery import slim as slim_model
-from .verify import Equivalence, compare_models
+from ..artifacts import CKPT_FORMAT, SLIM_FORMAT, load_checkpoint, save_torch, sha256
+from ..checkpoint import example_input, model_from_checkpoint, recipe_of
+from ..data import encode, load_dataset
+from ..errors import SnnCompressError, VerificationError
+from ..evaluation import Equivalence, compare_models
+from ..metrics import count_macs, count_params
+from ..prune.gates import gate_modules, neuron_of
+from .surgery import slim as slim_model
 
 
 @dataclass
@@ -29,27 +27,13 @@ class SlimResult:
     kept: dict[str, tuple[int, int]]  # group -> (kept, total)
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters that do work at inference (gates excluded: they are masks)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".gate"))
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, x_seq: torch.Tensor) -> int:
-    """Dense multiply-accumulates of one inference (all T steps, batch 1) as counted by torch."""
-    with FlopCounterMode(display=False) as fc:
-        model(x_seq[:, :1])
-    functional.reset_net(model)
-    return fc.get_total_flops() // 2
-
-
 def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
                     trust_factory: bool = False) -> SlimResult:
     """Slim a training checkpoint into ``out_path`` (default: ``slim.pt`` beside it).
 
     The slim model is compared with the masked model on the whole test set: identical predictions and
     max |Δlogit| ≤ 1e-4, in float32 or, where float32 rounding flipped a spike at the threshold, in
-    float64 (see :func:`~snncompress.verify.compare_models`); else :class:`VerificationError` naming
+    float64 (see :func:`~snncompress.evaluation.compare_models`); else :class:`VerificationError` naming
     the first differing layer, and nothing is written. ``trust_factory``: see :func:`snncompress.load_model`.
     """
     ckpt_path = Path(ckpt_path)
@@ -61,14 +45,18 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
     x_ex = example_input(ckpt)
     masks = {g: torch.as_tensor(m, dtype=torch.bool) for g, m in ckpt["masks"].items()}
     slim_net = slim_model(masked, masks, x_ex)
+    # weight masks are in dense shapes; the slim weights carry the pruned entries as zeros instead
+    out = {**{k: v for k, v in ckpt.items() if k != "weight_masks"}, "format": SLIM_FORMAT,
+           "state_dict": slim_net.state_dict(),
+           "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()},
+           "source_sha256": sha256(ckpt_path)}
+    # what is verified is the model as slim.pt will load it (rebuilt from its shapes, no surgery)
+    reloaded = model_from_checkpoint(out, str(out_path), trust_factory)
 
     recipe = recipe_of(ckpt)
     data = load_dataset(recipe.data, recipe.seed)
-    kept_by_neuron = {}
-    for g in channel_groups(masked, x_ex):
-        for gate in g.gates:
-            kept_by_neuron[neuron_of(gate)] = masks[g.name]
-    eq = compare_models(masked, slim_net, data.x_test, ckpt["data"]["T"], ckpt["data"]["encoding"], kept_by_neuron)
+    kept_by_neuron = {neuron_of(name): gate.mask for name, gate in gate_modules(masked).items()}
+    eq = compare_models(masked, reloaded, data.x_test, ckpt["data"]["T"], ckpt["data"]["encoding"], kept_by_neuron)
     if not eq.ok:
         in64 = f"; in float64 max |Δlogit| {eq.float64.max_abs_diff:.3g}" if eq.float64 else ""
         raise VerificationError(
@@ -76,17 +64,12 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
             f"(max |Δlogit| {eq.max_abs_diff:.3g}, same predictions: {eq.same_predictions}{in64}); nothing written"
         )
     x_seq = encode(data.x_test[:1], ckpt["data"]["T"], ckpt["data"]["encoding"])
-    # weight masks are in dense shapes; the slim weights carry the pruned entries as zeros instead
-    out = {**{k: v for k, v in ckpt.items() if k != "weight_masks"}, "format": SLIM_FORMAT,
-           "state_dict": slim_net.state_dict(),
-           "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()},
-           "source_sha256": sha256(ckpt_path),
-           "verification": {"n_samples": eq.n_samples, "max_abs_diff": eq.max_abs_diff,
-                            "same_predictions": eq.same_predictions,
-                            "float64_max_abs_diff": eq.float64.max_abs_diff if eq.float64 else None}}
+    out["verification"] = {"n_samples": eq.n_samples, "max_abs_diff": eq.max_abs_diff,
+                           "same_predictions": eq.same_predictions,
+                           "float64_max_abs_diff": eq.float64.max_abs_diff if eq.float64 else None}
     save_torch(out, out_path)
     return SlimResult(
-        out_path, (count_params(masked), count_params(slim_net)),
-        (count_macs(masked, x_seq), count_macs(slim_net, x_seq)), eq,
+        out_path, (count_params(masked), count_params(reloaded)),
+        (count_macs(masked, x_seq), count_macs(reloaded, x_seq)), eq,
         {g: (int(m.sum()), m.numel()) for g, m in masks.items()},
     )

@@ -1,12 +1,15 @@
-"""The training loop: seeded, deterministic on CPU, checkpoints written atomically every epoch."""
+"""The train stage: a seeded training loop (deterministic on CPU) with the recipe's pruner, checkpoints
+written atomically every epoch, exact resume."""
 
 from __future__ import annotations
 
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,13 +22,16 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
 from ..checkpoint import build_model, model_spec
+from ..config import Recipe, TrainCfg
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.augment import random_crop_flip
 from ..errors import SnnCompressError
-from ..prune.controller import DynamicPruner
-from ..prune.gates import channel_groups, get_masks
-from ..prune.unstructured import WeightPruner, make_pruner
-from ..recipe import Recipe, TrainCfg
+from ..evaluation import evaluate
+from ..layout import BEST, CKPT, METRICS
+from ..prune.gates import get_masks
+from ..prune.groups import channel_groups
+from ..prune.pruner import Pruner, build_pruner
+from ..registry import is_code_string, trust_code
 
 
 @dataclass
@@ -40,7 +46,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic algorithms for the block; the caller's setting afterwards."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,20 +75,6 @@ def make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
     return cls(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encoding: str = "direct",
-             batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, logits) of a multi-step model on a normalised image set."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits = []
-    for inp in eval_batches(x, T, encoding, batch_size):
-        logits.append(model(to_steps(inp, T, encoding).to(device)).float().cpu())
-        functional.reset_net(model)
-    out = torch.cat(logits)
-    return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item(), out
 
 
 @torch.no_grad()
@@ -110,7 +112,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     are summed over the processes, every mask update is checked to be identical on all of them,
     and only rank 0 writes files and shows progress.
     """
-    with distributed.session():
+    with distributed.session(), deterministic_algorithms():
         return _train(recipe, out_dir, progress, resume)
 
 
@@ -128,10 +130,14 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
     opt = make_optimizer(model, recipe.train)
-    # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
-    pruner = make_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt) if recipe.prune else None
-    # the statistics a pruner gathers per process (pq gathers none: it reads DDP's averaged gradients)
-    accumulators = pruner.scorer.accumulators() if pruner is not None and pruner.scorer is not None else []
+    pruner: Pruner | None = None
+    if recipe.prune:
+        if is_code_string(recipe.prune.method):  # the user's own recipe names it: trusted, as a model factory
+            trust_code(recipe.prune.method)
+        # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
+        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt)
+    # the statistics a pruner gathers per process (summed over processes under torchrun)
+    statistics = pruner.statistics if pruner is not None else list
     epochs = recipe.train.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
@@ -146,13 +152,13 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     # bf16 autocast on GPUs; CPU training stays fp32 (bitwise-deterministic runs and resumes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    ckpt_path, best_path, metrics_path = out_dir / "ckpt.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    ckpt_path, best_path, metrics_path = out_dir / CKPT, out_dir / BEST, out_dir / METRICS
     start, best_acc, metrics = 0, -1.0, []
     if resume and ckpt_path.exists():
         start, best_acc, metrics = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path)
         if rank != 0:  # the checkpoint holds the sums over all ranks: rank 0 takes them
-            for acc in accumulators:
-                acc.reset()
+            for t in statistics():
+                t.zero_()
     if multi:
         distributed.check_agree(str(start), "the epoch to start from",
                                 "every rank must see the same OUT/ckpt.pt (across nodes: a shared filesystem)")
@@ -194,10 +200,9 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
                 seen += len(yb)
             sched.step()
             loss_sum, correct, seen = distributed.sum_numbers(loss_sum, correct, seen)
-            event = pruner.end_epoch(epoch) if pruner else None
+            event = pruner.end_epoch(epoch, distributed.sum_across_ranks if multi else None) if pruner else None
             if event is not None:
-                agreed = pruner.all_masks() if isinstance(pruner, WeightPruner) else pruner.masks
-                event["mask_sha256"] = distributed.check_masks_agree(agreed, epoch)
+                event["mask_sha256"] = distributed.check_masks_agree(pruner.agreement(), epoch)
             if multi:
                 distributed.broadcast_buffers(model)
                 test_loss, test_acc = evaluate_sharded(model, data.x_test, data.y_test, T, enc)
@@ -207,8 +212,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
-                   "kept_channels": kept, "mask_update": event is not None,
-                   **({"connectivity": pruner.connectivity()} if isinstance(pruner, WeightPruner) else {}),
+                   "kept_channels": kept, "mask_update": event is not None, **(pruner.metrics() if pruner else {}),
                    "seconds": seconds, "samples_per_s": seen / seconds}
             if multi:
                 row["world_size"] = distributed.world_size()
@@ -218,12 +222,12 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             improved = eligible and test_acc > best_acc
             best_acc = test_acc if improved else best_acc
             if multi:  # the checkpoint (rank 0's) must hold every rank's statistics
-                distributed.gather_on_main(accumulators)
+                distributed.gather_on_main(statistics())
             save = (epoch + 1) % every == 0 or epoch == epochs - 1
             if main:  # the other ranks never write, so no file is ever half-written by two processes
                 ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
                         "history": _history(pruner), "metrics": row, "epoch": epoch,
-                        **({"weight_masks": pruner.packed_masks()} if isinstance(pruner, WeightPruner) else {}),
+                        **(pruner.checkpoint_entries() if pruner else {}),
                         "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
                 if improved:
                     save_torch(ckpt, best_path)
@@ -242,7 +246,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     return TrainResult(out_dir, ckpt_path, best_path, metrics)
 
 
-def _train_state(opt, sched, gen: torch.Generator, pruner: DynamicPruner | WeightPruner | None, best_acc: float) -> dict:
+def _train_state(opt, sched, gen: torch.Generator, pruner: Pruner | None, best_acc: float) -> dict:
     """Everything beyond the weights that a bitwise-exact resume needs (tensors and plain data only)."""
     return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()},
@@ -287,7 +291,7 @@ def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _history(pruner: DynamicPruner | WeightPruner | None) -> list[dict]:
+def _history(pruner: Pruner | None) -> list[dict]:
     return [] if pruner is None else [dict(h) for h in pruner.history]
 
 

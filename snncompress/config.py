@@ -1,4 +1,9 @@
-"""Recipes: YAML files validated by pydantic, with one-line, field-path error messages."""
+"""The recipe schema: YAML files validated by pydantic, with one-line, field-path error messages.
+
+Torch-free on purpose (a test checks it): ``snncompress train bad.yaml`` answers before torch is
+imported. Model and method names are checked against the torch-free registries of
+:mod:`snncompress.registry`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from .errors import RecipeError
-from .models import check_factory_string, list_models
+from .registry import METHODS, MODELS, is_code_string
 
 
 def _fraction(v: float) -> float:
@@ -104,10 +109,8 @@ class ModelCfg(_Strict):
         if self.factory is not None:
             if self.name is not None:
                 raise ValueError("factory: give either name (a registered model) or factory, not both")
-            try:
-                check_factory_string(self.factory)
-            except ValueError as e:
-                raise ValueError(f"factory: {e}") from None
+            if not is_code_string(self.factory):
+                raise ValueError(f"factory: must be 'package.module:function', got {self.factory!r}")
             # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
             for key, default in (("layers", None), ("width", 1.0), ("readout_pool", 1), ("neuron", NeuronCfg())):
                 if getattr(self, key) != default:
@@ -115,8 +118,8 @@ class ModelCfg(_Strict):
             if set(self.kwargs) & {"in_channels", "num_classes"}:
                 raise ValueError("kwargs: in_channels and num_classes come from the data; remove them")
             return self
-        if self.name not in list_models():
-            raise ValueError(f"name: unknown model {self.name!r}; registered: {', '.join(list_models())}")
+        if self.name not in MODELS:
+            raise ValueError(f"name: unknown model {self.name!r}; registered: {', '.join(MODELS.names())}")
         if self.kwargs:
             raise ValueError("kwargs: only for a factory; registered models take layers (vgg), width and neuron")
         if self.name != "vgg" and self.layers is not None:
@@ -171,22 +174,26 @@ class TrainCfg(_Strict):
     checkpoint_every: PositiveInt = 1  # epochs between ckpt.pt writes (the last epoch is always written)
 
 
-STRUCTURED_METHODS = ("sca", "random", "l1", "bn", "criticality")  # prune channels (gates)
-UNSTRUCTURED_METHODS = ("criticality_unstructured", "pq")  # prune individual weights (weight masks)
-# fields that mean something for one family of methods only: setting one for the other family is an error
-_STRUCTURED_ONLY = ("keep", "regrow", "budget")
-UNSTRUCTURED_ONLY = {"sparsity": UNSTRUCTURED_METHODS, "weight_regrow": ("criticality_unstructured",),
-                      "scope": ("pq",), "er_init": ("pq",)}
+# fields that mean something for one method only: setting one for another method is an error
+METHOD_ONLY = {"weight_regrow": ("criticality_unstructured",), "scope": ("pq",), "er_init": ("pq",)}
+STRUCTURED_ONLY = ("keep", "regrow", "budget", "round_to")  # channel budgets; unstructured methods set sparsity
+
+
+def method_family(method: str) -> str | None:
+    """``structured`` or ``unstructured`` for a registered method; None for user code not imported yet."""
+    return METHODS.meta(method)["family"] if method in METHODS else None
 
 
 class PruneCfg(_Strict):
-    """Dynamic pruning during training (see METHODS.md); epochs count from 0.
+    """Dynamic pruning during training (see docs/methods.md); epochs count from 0.
 
     Structured methods keep a fraction ``keep`` of the conv *channels*; unstructured methods remove a
     fraction ``sparsity`` of the conv + linear *weights*. Each family's fields are refused for the other.
+    ``method`` is a registered name (``snncompress info`` lists them) or a user's own
+    ``package.module:Class`` (imported only when trusted, like a model factory).
     """
 
-    method: Literal["sca", "random", "l1", "bn", "criticality", "criticality_unstructured", "pq"] = "sca"
+    method: str = "sca"
     keep: Fraction = 0.3  # structured: target fraction of conv channels kept
     regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
     sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed
@@ -208,8 +215,20 @@ class PruneCfg(_Strict):
     pq_beta: Fraction = 0.9  # PQ ratio cap beta (budget pq: on a group's pruned fraction; method pq: rewired fraction)
 
     @property
+    def family(self) -> str | None:
+        """``structured`` / ``unstructured``; for user code not imported yet, what the fields say."""
+        return method_family(self.method) or ("unstructured" if self.sparsity is not None else "structured")
+
+    @property
     def unstructured(self) -> bool:
-        return self.method in UNSTRUCTURED_METHODS
+        return self.family == "unstructured"
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "PruneCfg":
+        if self.method not in METHODS and not is_code_string(self.method):
+            raise ValueError(f"method: unknown method {self.method!r}; registered: {', '.join(METHODS.names())} "
+                             "(or your own as 'package.module:Class')")
+        return self
 
     @model_validator(mode="after")
     def _regrow_inside_keep(self) -> "PruneCfg":
@@ -223,15 +242,18 @@ class PruneCfg(_Strict):
     def _fields_of_the_method(self) -> "PruneCfg":
         # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
         defaults = PruneCfg.model_fields
-        if self.unstructured:
+        family = method_family(self.method)
+        if family == "unstructured":
             if self.sparsity is None:
                 raise ValueError(f"sparsity: required for method {self.method} (fraction of conv and linear "
                                  "weights removed, in [0, 1))")
-            for key in _STRUCTURED_ONLY:
+            for key in STRUCTURED_ONLY:
                 if getattr(self, key) != defaults[key].default:
-                    raise ValueError(f"{key}: only for structured methods ({', '.join(STRUCTURED_METHODS)}); "
-                                     f"method {self.method} prunes weights: set sparsity")
-        for key, methods in UNSTRUCTURED_ONLY.items():
+                    raise ValueError(f"{key}: only for structured methods; method {self.method} prunes weights: "
+                                     "set sparsity")
+        elif family == "structured" and self.sparsity is not None:
+            raise ValueError(f"sparsity: only for unstructured methods; method {self.method} keeps channels: set keep")
+        for key, methods in METHOD_ONLY.items():
             if self.method not in methods and getattr(self, key) != defaults[key].default:
                 raise ValueError(f"{key}: only for method {' / '.join(methods)}, not {self.method}")
         return self
@@ -312,15 +334,46 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: " + "; ".join(lines)) from e
 
 
+# A recipe is a few dozen lines; these bounds only stop input that would run away (a huge file, or a
+# YAML "billion laughs" whose aliases expand a few lines into billions of nodes).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
+    """Nodes of the document with every alias expanded (memoised, so it is cheap even for a bomb)."""
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        memo[key] = 1
+        memo[key] = min(limit + 1, 1 + sum(_expanded_nodes(c, memo, limit) for c in children))
+    return memo[key]
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+    """Read and validate a YAML recipe file (at most 1 MiB and 100,000 nodes with aliases expanded)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size:,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,})")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_nodes(node, {}, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+            raise RecipeError(f"{path}: YAML aliases expand to more than {MAX_RECIPE_NODES:,} nodes; refused "
+                              "(a recipe needs a few dozen)")
+        data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise RecipeError(f"{path}: not valid YAML{where}") from e
+    except RecursionError as e:
+        raise RecipeError(f"{path}: YAML nested too deeply for a recipe") from e
     return parse_recipe(data, str(path))

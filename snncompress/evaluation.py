@@ -1,4 +1,5 @@
-"""Equivalence checks between two models on real inputs, naming the first layer that differs."""
+"""Running a model on a test set: accuracy, and equivalence checks between two models naming the first
+layer that differs (used by the stages that must prove their artifact computes the same function)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.neuron import BaseNode
 
 from .data import EVAL_BATCH, eval_batches, to_steps
 
 TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encoding: str = "direct",
+             batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy, logits) of a multi-step model on a normalised image set."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits = []
+    for inp in eval_batches(x, T, encoding, batch_size):
+        logits.append(model(to_steps(inp, T, encoding).to(device)).float().cpu())
+        functional.reset_net(model)
+    out = torch.cat(logits)
+    return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item(), out
 
 
 @dataclass

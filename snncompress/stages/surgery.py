@@ -1,4 +1,4 @@
-"""Physical channel removal with Torch-Pruning."""
+"""Physical channel removal with Torch-Pruning (only the slim stage runs it; loading a slim.pt does not)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,25 @@ import copy
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from spikingjelly.activation_based import functional
 
-from .gates import channel_groups, dependency_graph, strip_gates
+from ..models.steps import step_mode
+from ..prune.gates import strip_gates
+from ..prune.groups import dependency_graph, groups_of_graph
 
 
 def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.Tensor) -> nn.Module:
     """Return a copy of ``model`` without gates, whose group channels are cut to ``keep``.
 
-    ``keep`` maps a group name (see :func:`channel_groups`) to a bool tensor over its channels; groups
-    not named keep all channels. Conv/BN output channels and every consumer's input channels
-    (residual couplings included) are removed by Torch-Pruning on a graph traced in single-step mode.
+    ``keep`` maps a group name (see :func:`~snncompress.prune.gates.channel_groups`) to a bool tensor over
+    its channels; groups not named keep all channels. Conv/BN output channels and every consumer's input
+    channels (residual couplings included) are removed by Torch-Pruning on a graph traced in single-step mode.
     """
-    groups = {g.name: g for g in channel_groups(model, example_input)}
+    out = copy.deepcopy(model)
+    dg = dependency_graph(out, example_input)
+    groups = {g.name: g for g in groups_of_graph(out, dg)}
     unknown = set(keep) - set(groups)
     if unknown:
         raise KeyError(f"unknown channel group(s) {sorted(unknown)}; groups: {', '.join(groups)}")
-    out = copy.deepcopy(model)
-    dg = dependency_graph(out, example_input)
     modules = dict(out.named_modules())
     for name, mask in keep.items():
         g = groups[name]
@@ -37,6 +38,6 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.T
         if removed:
             dg.get_pruning_group(modules[g.convs[0]], tp.prune_conv_out_channels, idxs=removed).prune()
     strip_gates(out)  # every remaining gate is open: multiplying by 1 is dropped
-    functional.set_step_mode(out, "m")
-    functional.invalidate_reset_cache(out)
+    with step_mode(out, "m"):  # back in multi-step mode, reset caches invalidated
+        pass
     return out

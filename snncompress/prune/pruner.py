@@ -1,0 +1,92 @@
+"""The one interface the training loop sees: :class:`Pruner`, and how a recipe's method becomes one.
+
+A structured method is a :class:`~snncompress.prune.scorer.Scorer` (it only scores channels);
+:class:`~snncompress.prune.structured.ChannelPruner` turns its scores into channel masks with the shared
+selection, schedule, regrowth and gates. An unstructured method implements :class:`Pruner` itself
+(see :mod:`snncompress.prune.unstructured`). Both are found by name in :data:`snncompress.registry.METHODS`,
+or imported from a trusted ``package.module:Class`` string.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from ..config import PruneCfg
+from ..errors import SnnCompressError
+from ..registry import METHODS, import_code
+from .gates import ChannelGroup
+from .scorer import Scorer
+from .structured import ChannelPruner
+
+Reduce = Callable[[list[torch.Tensor]], None]  # sums tensors over processes in place (torchrun)
+
+
+@runtime_checkable
+class Pruner(Protocol):
+    """What the training loop calls, in this order, every training step and epoch.
+
+    ``penalty()`` is added to the loss; ``after_backward()`` runs after ``loss.backward()``;
+    ``after_step()`` after the optimiser step; ``end_epoch(epoch, reduce)`` at the end of each epoch
+    (if it updates the masks it first sums ``statistics()`` over all processes with ``reduce``, when
+    given; it returns the history entry of an update, else None).
+    """
+
+    history: list[dict]
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Channel keep-masks per group (what slim removes)."""
+
+    def kept_fraction(self) -> float: ...
+
+    def at_target(self) -> bool:
+        """True once the masks have reached the final budget (the best checkpoint is only taken then)."""
+
+    def penalty(self) -> torch.Tensor: ...
+
+    def after_backward(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def statistics(self) -> list[torch.Tensor]:
+        """Per-process statistics of the current window (summed over processes before a selection)."""
+
+    def end_epoch(self, epoch: int, reduce: Reduce | None = None) -> dict | None: ...
+
+    def agreement(self) -> dict[str, torch.Tensor]:
+        """The masks every process must hold identically after an update (hashed and compared)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Extra per-epoch metrics (e.g. connectivity)."""
+
+    def checkpoint_entries(self) -> dict:
+        """Extra checkpoint entries (e.g. bit-packed weight masks)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict, masks: dict[str, torch.Tensor], history: list[dict]) -> None: ...
+
+    def remove(self) -> None: ...
+
+
+def resolve_method(method: str, trust: bool = False) -> type:
+    """The class a recipe's ``prune.method`` names: registered, or user code (imported only if trusted)."""
+    return METHODS.get(method) if method in METHODS else import_code(method, "prune.method", trust)
+
+
+def build_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None, trust: bool = False) -> Pruner:
+    """The training-time pruner of ``cfg.method`` on a gated model."""
+    cls = resolve_method(cfg.method, trust)
+    if isinstance(cls, type) and issubclass(cls, Scorer):
+        if cfg.sparsity is not None:
+            raise SnnCompressError(f"prune.sparsity: method {cfg.method} is structured (a Scorer): set keep, not "
+                                   "sparsity")
+        return ChannelPruner(model, groups, cfg, epochs, seed, cls)
+    if isinstance(cls, type) and all(hasattr(cls, m) for m in ("end_epoch", "after_backward", "masks")):
+        return cls(model, groups, cfg, epochs, seed, optimizer)
+    raise SnnCompressError(f"prune.method {cfg.method!r}: not a Scorer subclass or a Pruner class "
+                           f"(got {type(cls).__name__})")

@@ -1,0 +1,142 @@
+"""Name registries for models and pruning methods, in the style of timm's ``register_model``.
+
+Torch-free on purpose: the recipe schema (:mod:`snncompress.config`) validates ``model.name`` and
+``prune.method`` against these names without importing torch. Built-in entries are declared here as
+``"module:attribute"`` strings and imported on first use; the modules they point to register the real
+object with the same decorator a user calls (``@sc.register_model`` / ``@sc.register_method``), and
+a test checks that both agree.
+
+User code named in a recipe (``"package.module:attribute"``, a model factory or a method) is imported
+only when trusted (:func:`trust_code`): by naming it in the recipe the user runs, or by passing
+``--trust-code`` / ``trust_code=True``. A checkpoint is a file people pass around; naming code in it
+is not enough to run that code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any, Callable
+
+from .errors import SnnCompressError, first_line
+
+CODE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+FAMILIES = ("structured", "unstructured")  # methods prune channels (gates) or single weights (weight masks)
+
+
+class UntrustedCodeError(SnnCompressError):
+    """User code (a model factory or a method) is untrusted, malformed or cannot be imported."""
+
+
+def is_code_string(text: str) -> bool:
+    """True for ``package.module:attribute``."""
+    return isinstance(text, str) and bool(CODE_PATTERN.fullmatch(text))
+
+
+_TRUSTED: set[str] = set()
+
+
+def trust_code(code: str) -> None:
+    """Allow ``package.module:attribute`` to be imported and run for the rest of this process."""
+    _TRUSTED.add(code)
+
+
+def is_trusted(code: str) -> bool:
+    return code in _TRUSTED
+
+
+def import_code(code: str, what: str, trust: bool = False) -> Any:
+    """The object ``package.module:attribute`` names; refused, without importing, unless trusted."""
+    if not is_code_string(code):
+        raise UntrustedCodeError(f"{what}: must be 'package.module:attribute', got {code!r}")
+    if not (trust or is_trusted(code)):
+        raise UntrustedCodeError(f"{what} {code!r} is not trusted: using it would import and run its code; refused "
+                                 "(pass --trust-code, or trust_code=True in Python, if you trust it)")
+    module_name, attr_path = code.split(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may raise anything on import
+        raise UntrustedCodeError(f"{what} {code!r}: cannot import {module_name!r} ({first_line(e)})") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise UntrustedCodeError(f"{what} {code!r}: {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, attr)
+    return obj
+
+
+class Registry:
+    """``name -> object`` with metadata; built-in entries are ``module:attribute`` strings until first use."""
+
+    def __init__(self, kind: str, builtins: dict[str, tuple[str, dict]]):
+        self.kind = kind
+        self._lazy = dict(builtins)
+        self._objects: dict[str, Any] = {}
+        self._meta: dict[str, dict] = {name: dict(meta) for name, (_, meta) in builtins.items()}
+
+    def register(self, name: str, **meta: Any) -> Callable[[Any], Any]:
+        """Decorator: register ``obj`` under ``name`` (a later registration replaces an earlier one)."""
+        def deco(obj: Any) -> Any:
+            self._objects[name] = obj
+            self._meta[name] = meta
+            return obj
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(set(self._lazy) | set(self._objects))
+
+    def meta(self, name: str) -> dict:
+        """What the registration said about ``name`` (e.g. a method's family), without importing it."""
+        return self._meta[name]
+
+    def get(self, name: str) -> Any:
+        if name not in self._objects and name in self._lazy:
+            importlib.import_module(self._lazy[name][0].split(":")[0])  # registers it
+        if name not in self._objects:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._objects[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._lazy or name in self._objects
+
+
+_VGG, _RESNET = "snncompress.models.vgg", "snncompress.models.resnet"
+MODELS = Registry("model", {
+    "vgg": (f"{_VGG}:vgg", {}), "vgg16": (f"{_VGG}:vgg16", {}),
+    **{f"{p}resnet{d}": (f"{_RESNET}:{p}resnet{d}", {}) for p in ("", "sew_") for d in (18, 19, 20)},
+})
+
+_S, _U = {"family": "structured"}, {"family": "unstructured"}
+METHODS = Registry("pruning method", {
+    "sca": ("snncompress.prune.sca:ActivityScorer", _S),
+    "random": ("snncompress.prune.baselines:RandomScorer", _S),
+    "l1": ("snncompress.prune.baselines:L1Scorer", _S),
+    "bn": ("snncompress.prune.baselines:BNScorer", _S),
+    "criticality": ("snncompress.prune.criticality:CriticalityScorer", _S),
+    "criticality_unstructured": ("snncompress.prune.unstructured:CriticalityWeightPruner", _U),
+    "pq": ("snncompress.prune.unstructured:PQWeightPruner", _U),
+})
+
+
+def register_model(name: str) -> Callable:
+    """Register a model builder ``fn(in_channels, num_classes, **kwargs) -> nn.Module`` under ``name``."""
+    return MODELS.register(name)
+
+
+def register_method(name: str, family: str = "structured") -> Callable:
+    """Register a pruning method under ``name``.
+
+    ``family="structured"``: a :class:`~snncompress.prune.scorer.Scorer` subclass (it scores channels;
+    selection, schedule and gates are shared). ``family="unstructured"``: a class implementing the
+    :class:`~snncompress.prune.pruner.Pruner` protocol itself (weight masks).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"register_method: family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return METHODS.register(name, family=family)
+
+
+def list_models() -> list[str]:
+    return MODELS.names()
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()

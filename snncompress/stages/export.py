@@ -1,0 +1,156 @@
+"""The export stage: unroll the T time steps into a static ONNX graph, simplify, verify with onnxruntime."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..artifacts import atomic_path, load_checkpoint, sha256
+from ..checkpoint import model_from_checkpoint, recipe_of
+from ..data import eval_batches, graph_input, load_dataset, to_steps
+from ..deploy import (ONNX_FORMAT, UNROLL_ORDERS, UnrolledSNN, fold_batchnorm, ort_session, quiet_loggers, run_onnx,
+                      steps_unroll_exactly, unrolled_onnx)
+from ..errors import SnnCompressError, VerificationError, first_line
+from ..evaluation import TOLERANCE, evaluate
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    n_samples: int
+    max_abs_diff: float  # onnxruntime vs the exported PyTorch model
+    nodes: int
+    order: str  # how the time steps were unrolled: step or layer
+    fold_agreement: float | None = None  # with fold_bn: share of test predictions unchanged by the fold
+    int8: dict | None = None  # with int8: {path, accuracy_fp32, accuracy_int8, agreement}
+
+
+def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:
+    """int8 weights, activations quantised per call (onnxruntime dynamic quantisation).
+
+    A spike tensor ({0, 1}) gets scale 1/255 and zero point 0, so spikes stay exact; the weights
+    (and the analog input of the first layer) are approximated.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # the quantiser logs a pre-processing hint at WARNING on the root logger
+    with tempfile.TemporaryDirectory() as d, atomic_path(out_path) as tmp, quiet_loggers(""):
+        src = Path(d) / "fp32.onnx"
+        onnx.save(_unshare_gemm_weights(proto), str(src))
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+
+
+def _unshare_gemm_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every Gemm has its own weight initializer.
+
+    The quantiser rewrites a Gemm into a MatMul by transposing its weight in place, so a weight
+    shared by the T steps of a step-unrolled readout ends up transposed twice.
+    """
+    proto = copy.deepcopy(proto)
+    inits = {i.name: i for i in proto.graph.initializer}
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.input[1] in seen:
+            twin = copy.deepcopy(inits[node.input[1]])
+            twin.name = f"{node.input[1]}__{node.name}"
+            proto.graph.initializer.append(twin)
+            node.input[1] = twin.name
+        seen.add(node.input[1])
+    return proto
+
+
+def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, fold_bn: bool = False,
+                lean: bool = True, int8: bool = False, order: str = "auto", trust_factory: bool = False) -> ExportResult:
+    """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
+
+    onnxruntime must give the same predictions as PyTorch and max |Δlogit| ≤ 1e-4, else
+    :class:`VerificationError` and nothing is written. ``fold_bn`` folds BatchNorms into their convs
+    first (fewer, cheaper ops; the result reports how many test predictions the fold left unchanged).
+    ``lean`` exports IF/LIF neurons as :class:`~snncompress.deploy.LeanNeuron` (about half the ONNX ops per
+    step, same spikes); ``order`` is how the time steps are unrolled (see :class:`~snncompress.deploy.UnrolledSNN`):
+    ``auto`` takes ``step`` unless the model cannot be run step by step (its forward fails in single-step
+    mode, or its readout is not the mean over the steps: checked in PyTorch before exporting), then
+    ``layer``; a failed verification is never retried in another order. The verification always compares
+    with the original spikingjelly model. ``int8`` also writes ``<out>.int8.onnx`` (int8 weights, see
+    :func:`quantize_int8`) and reports its accuracy.
+    ``trust_factory``: see :func:`snncompress.load_model`.
+    """
+    if order not in ("auto", *UNROLL_ORDERS):
+        raise SnnCompressError(f"unroll order {order!r}: allowed auto, {', '.join(UNROLL_ORDERS)}")
+    ckpt_path = Path(ckpt_path)
+    out_path = Path(out_path) if out_path else ckpt_path.with_suffix(".onnx")
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
+    meta = ckpt["data"]
+    T, enc = meta["T"], meta["encoding"]
+    recipe = recipe_of(ckpt)
+    data = load_dataset(recipe.data, recipe.seed)
+    fold_agreement = None
+    if fold_bn:
+        before = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
+        fold_batchnorm(model, to_steps(graph_input(data.x_test[:2], T, enc), T, enc))
+        after = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
+        fold_agreement = float((before == after).float().mean())
+    wrapper = UnrolledSNN(model, T, enc).eval()  # the reference: the model as trained
+    with torch.no_grad():
+        reference = torch.cat([wrapper(inp) for inp in eval_batches(data.x_test, T, enc)]).numpy()
+    example = graph_input(data.x_test[:2], T, enc)
+    used = order
+    if order == "auto":
+        used = "step" if steps_unroll_exactly(model, graph_input(data.x_test[:8], T, enc), T, enc) else "layer"
+    proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
+    direct = meta["encoding"] == "direct"
+    props = {"format": ONNX_FORMAT, "snncompress_version": __version__, "T": str(meta["T"]),
+             "encoding": meta["encoding"],
+             "input_layout": "NCHW (one image; the graph repeats it over T)" if direct
+             else "NTCHW (the spike or frame sequence)",
+             "input_shape": json.dumps(["batch", *([] if direct else [meta["T"]]), *meta["input_shape"]]),
+             "normalisation": json.dumps({"mean": meta["mean"], "std": meta["std"], "formula": "(x - mean) / std"}),
+             "classes": json.dumps(meta["classes"]), "source_checkpoint": ckpt_path.name,
+             "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": str(fold_bn),
+             "lean_neurons": str(lean), "unroll_order": used}
+    onnx.helper.set_model_props(proto, props)
+    with atomic_path(out_path) as tmp:
+        onnx.save(proto, str(tmp))
+    quantized = None
+    if int8:
+        q_path = out_path.with_suffix(".int8.onnx")
+        onnx.helper.set_model_props(proto, {**props, "int8_weights": "True"})
+        quantize_int8(proto, q_path)
+        q_logits = run_onnx(ort_session(q_path), data.x_test, T, enc)
+        y = data.y_test.numpy()
+        quantized = {"path": str(q_path), "accuracy_fp32": float((got.argmax(1) == y).mean()),
+                     "accuracy_int8": float((q_logits.argmax(1) == y).mean()),
+                     "agreement": float((q_logits.argmax(1) == got.argmax(1)).mean())}
+    return ExportResult(out_path, len(got), diff, len(proto.graph.node), used, fold_agreement, quantized)
+
+
+def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndarray, x: torch.Tensor, T: int,
+                     encoding: str, lean: bool, order: str, source: Path) -> tuple[onnx.ModelProto, np.ndarray, float]:
+    """(ONNX model, its logits on ``x``, max |Δlogit| against ``reference``) or an error."""
+    try:
+        proto = unrolled_onnx(model, example, T, encoding, lean, order)
+    except Exception as e:  # the exporter raises many types on a model it cannot express; one line
+        raise SnnCompressError(f"{source}: ONNX export failed ({first_line(e)})") from e
+    got = run_onnx(ort_session(proto.SerializeToString()), x, T, encoding)
+    diff = float(np.abs(got - reference).max())
+    same = bool((got.argmax(1) == reference.argmax(1)).all())
+    if not same or diff > TOLERANCE:
+        raise VerificationError(f"onnxruntime disagrees with PyTorch (max |Δlogit| {diff:.3g}, same predictions: "
+                                f"{same}, unrolled by {order}); nothing written"
+                                + ("; --unroll layer exports the model as trained" if order == "step" else ""))
+    return proto, got, diff
+
+
