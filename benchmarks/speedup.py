@@ -24,7 +24,6 @@ import platform
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from onnx import TensorProto, helper
 from spikingjelly.activation_based import functional

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import SnnCompressError
+from .errors import SnnCompressError, first_line
 
 CKPT_FORMAT = "snncompress.ckpt/1"
 SLIM_FORMAT = "snncompress.slim/1"
@@ -54,7 +54,7 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
-            raise OSError(str(e).splitlines()[0] if str(e) else "write failed") from e
+            raise OSError(first_line(e, typed=False)) from e
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
@@ -86,7 +86,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, typed=False)
         if "Weights only load failed" in first or "Unsupported global" in str(e):
             raise SnnCompressError(
                 f"{path}: refused: the file holds pickled Python objects, not only tensors and "

@@ -57,7 +57,7 @@ def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = Non
         return attach_gates(model, example)
     except RuntimeError as e:
         raise SnnCompressError(f"model {spec['name']!r} cannot take inputs of shape {list(example.shape[2:])} "
-                               f"({str(e).splitlines()[0]})") from e
+                               f"({first_line(e, typed=False)})") from e
 
 
 def describe_spec(spec: dict) -> str:

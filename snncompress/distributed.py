@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import SnnCompressError
+from .errors import SnnCompressError, first_line
 
 # a rank that fails or stalls must not leave the others waiting forever in a collective; torchrun
 # also stops every worker as soon as one exits with an error
@@ -86,7 +86,7 @@ def _init() -> None:
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
     except (RuntimeError, ValueError) as e:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = first_line(e, typed=False)
         raise SnnCompressError(f"rank {os.environ.get('RANK', '?')} of {env_world_size()} could not join the "
                                f"torchrun job at {where}: {why}") from e
 

@@ -32,7 +32,10 @@ class VerificationError(SnnCompressError):
     exit_code = EXIT_USER
 
 
-def first_line(e: BaseException) -> str:
-    """``Type: first line of the message`` (or just the type): how a foreign exception is quoted in one line."""
+def first_line(e: BaseException, typed: bool = True) -> str:
+    """``Type: first line of the message`` (``typed=False``: the line alone; the type if there is no message):
+    how a foreign exception is quoted in one line."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if typed else text.splitlines()[0]

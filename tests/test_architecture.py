@@ -244,3 +244,21 @@ def test_no_large_files_and_docs_references_resolve():
                 assert (ROOT / ref).is_file(), f"{f} cites {ref}"
     assert not re.search(r"\b(METHODS|DESIGN)\.md", "".join((ROOT / f).read_text() for f in tracked
                                                             if f.endswith((".py", ".md"))))
+
+
+def test_unroll_auto_never_retries_after_a_failed_verification(run_dir, tmp_path, monkeypatch):
+    import snncompress.stages.export as export
+
+    orders = []
+    real = export.unrolled_onnx
+
+    def spy(model, example, T, encoding, lean, order):
+        orders.append(order)
+        return real(model, example, T, encoding, lean, order)
+
+    monkeypatch.setattr(export, "unrolled_onnx", spy)
+    monkeypatch.setattr(export, "run_onnx", lambda *a: real_run(*a) + 1.0)  # onnxruntime "disagrees"
+    real_run = __import__("snncompress.deploy", fromlist=["run_onnx"]).run_onnx
+    with pytest.raises(sc.VerificationError, match="unrolled by step"):
+        export.export_onnx(run_dir / "slim.pt", tmp_path / "m.onnx", order="auto")
+    assert orders == ["step"] and not (tmp_path / "m.onnx").exists()

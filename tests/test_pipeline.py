@@ -1,6 +1,7 @@
 """Every command through the real CLI, on a real (tiny) digits run."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -64,17 +65,23 @@ def test_slim_export_bench_commands(run_dir, tmp_path):
     res = cli("slim", run_dir / "train" / "ckpt.pt", "-o", tmp_path / "s.pt")
     assert res.returncode == 0, res.stderr
     assert "params" in res.stdout and "->" in res.stdout and "MACs" in res.stdout
-    res = cli("export", tmp_path / "s.pt", "--onnx", "-o", tmp_path / "s.onnx")
+    # exported under the name the run layout gives the slim model, so bench measures this very file
+    res = cli("export", tmp_path / "s.pt", "--onnx", "-o", tmp_path / "model.onnx")
     assert res.returncode == 0, res.stderr
-    meta = read_onnx_metadata(tmp_path / "s.onnx")
+    meta = read_onnx_metadata(tmp_path / "model.onnx")
     assert meta["T"] == str(TINY["data"]["T"]) and json.loads(meta["input_shape"]) == ["batch", 1, 8, 8]
     assert len(json.loads(meta["classes"])) == 10 and len(meta["source_sha256"]) == 64
+    exported = (tmp_path / "model.onnx").stat().st_mtime_ns
     res = cli("bench", "--dense", run_dir / "train" / "ckpt.pt", "--slim", tmp_path / "s.pt", "-o", tmp_path, "--repeats", "20")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "bench.json").is_file() and "speedup" in res.stdout
-    res = cli("bench", run_dir, "-o", tmp_path / "again", "--repeats", "20")
+    assert (tmp_path / "model.onnx").stat().st_mtime_ns == exported  # reused, not exported again
+    assert (tmp_path / "dense.onnx").is_file()  # exported because it was missing
+    # bench RUN_DIR on a copy of the shared run (its ONNX files are reused: same checkpoints)
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    res = cli("bench", copy, "--repeats", "20")
     assert res.returncode == 0, res.stderr
-    assert "baseline" in json.loads((tmp_path / "again" / "bench.json").read_text())["models"]
+    assert "baseline" in json.loads((copy / "bench.json").read_text())["models"]
 
 
 def test_exported_onnx_matches_pytorch_with_dynamic_batch(run_dir):

@@ -41,7 +41,7 @@ def test_killed_at_random_points_resumes_to_identical_weights_and_masks(tmp_path
     metrics = out / "metrics.jsonl"
     lines = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0  # noqa: E731
     kill_points = []  # (epochs logged when killed, seconds after that epoch's line appeared)
-    for _ in range(8):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, "-m", "snncompress", "train", str(recipe), "--out", str(out),
                                  "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         start_lines = lines()

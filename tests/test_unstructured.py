@@ -354,9 +354,10 @@ def test_pq_killed_and_resumed_matches_uninterrupted(tmp_path):
     while proc.poll() is None and time.monotonic() < deadline and \
             (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.01)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)  # inside epoch 3: mid-window (updates at the end of epochs 1 and 3)
-    proc.wait()
+    assert proc.poll() is None, "training finished before it could be killed: the test would prove nothing"
+    os.kill(proc.pid, signal.SIGKILL)  # inside epoch 3: mid-window (updates at the end of epochs 1 and 3)
+    assert proc.wait() == -signal.SIGKILL
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] < 5  # killed before the end
     assert cli("train", recipe, "--out", out, "--resume").returncode == 0
     a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "ref", out))
     for k in a["state_dict"]:
