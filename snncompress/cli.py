@@ -54,11 +54,12 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)"),
               resume: bool = typer.Option(False, "--resume", help="Continue from OUT/ckpt.pt (same recipe)")) -> None:
     """Train a spiking network (with the recipe's dynamic pruning) into OUT: ckpt.pt, best.pt, metrics.jsonl."""
-    from . import distributed
     from .config import load_recipe
+
+    r = load_recipe(recipe)  # a bad recipe is reported before torch is imported
+    from . import distributed
     from .stages.train import train
 
-    r = load_recipe(recipe)
     with distributed.session():  # under torchrun: one process per device, rank 0 reports
         res = train(r, out or Path("runs") / r.name, resume=resume)
         if not distributed.is_main():
@@ -160,9 +161,10 @@ def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
             resume: bool = typer.Option(False, "--resume", help="Skip finished stages, continue unfinished training")) -> None:
     """train -> slim -> export -> bench, all into one run directory (training on every torchrun process)."""
     from .config import load_recipe
-    from .run import run_pipeline
 
     r = load_recipe(recipe)
+    from .run import run_pipeline
+
     out = out or Path("runs") / r.name
     report = run_pipeline(r, out, resume=resume, log=lambda stage: console.print(f"[bold cyan]▶ {stage}"))
     if report is not None:  # None: a rank > 0 under torchrun, done after training
@@ -193,10 +195,11 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
                                                         help="Also a dense run per seed (default: the recipe's baseline)"),
                 out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/<name>-compare)")) -> None:
     """Train, slim and bench every method at the same budgets and seeds; compare.json, compare.md, compare.png."""
-    from .compare import compare
     from .config import load_recipe
 
     r = load_recipe(recipe)
+    from .compare import compare
+
     out = out or Path("runs") / f"{r.name}-compare"
     keeps = _csv(keep, "--keep", float) if keep is not None else None
     result = compare(r, out, _csv(methods, "--methods"), keeps, seeds, baseline,

@@ -82,6 +82,12 @@ def test_schema_and_recipe_errors_import_no_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "modle: unknown key" in res.stdout
+    for command in ("train", "run", "compare"):  # the CLI too answers before importing torch
+        code = (f"import sys\nsys.argv = ['snncompress', {command!r}, {str(bad)!r}]\nfrom snncompress.cli import main\n"
+                "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+                "assert 'torch' not in sys.modules, 'torch imported'\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode == 0 and "modle: unknown key" in res.stderr, (command, res.stderr)
 
 
 def test_builtin_registrations_resolve_to_the_decorated_objects():
