@@ -7,8 +7,8 @@ import copy
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from spikingjelly.activation_based import functional
 
-from ..models.steps import step_mode
 from ..prune.gates import strip_gates
 from ..prune.groups import dependency_graph, groups_of_graph
 
@@ -38,6 +38,5 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.T
         if removed:
             dg.get_pruning_group(modules[g.convs[0]], tp.prune_conv_out_channels, idxs=removed).prune()
     strip_gates(out)  # every remaining gate is open: multiplying by 1 is dropped
-    with step_mode(out, "m"):  # back in multi-step mode, reset caches invalidated
-        pass
+    functional.invalidate_reset_cache(out)  # modules changed: spikingjelly's cache of what to reset is stale
     return out
