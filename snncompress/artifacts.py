@@ -74,27 +74,34 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load an snncompress checkpoint (``ckpt.pt``/``best.pt``/``slim.pt``) safely.
+def read_torch_file(path: str | os.PathLike, what: str = "PyTorch checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors that name ``path``.
 
-    Uses ``torch.load(weights_only=True)``: only tensors and plain containers are read, and a file
-    holding any other pickled object is refused without executing it.
+    Only tensors and plain containers are read: a file holding any other pickled object is refused
+    without executing it.
     """
     path = Path(path)
     if not path.is_file():
-        raise SnnCompressError(f"{path}: no such checkpoint file")
+        raise SnnCompressError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = first_line(e, typed=False)
-        if "Weights only load failed" in first or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a pickled class or function (other failures: not a torch file)
             raise SnnCompressError(
                 f"{path}: refused: the file holds pickled Python objects, not only tensors and "
                 "plain containers (it was not executed)"
             ) from e
-        raise SnnCompressError(f"{path}: not a PyTorch checkpoint ({first})") from e
+        raise SnnCompressError(f"{path}: not a {what} (unreadable: {type(e).__name__})") from e
     except Exception as e:  # torch.load on a text file, a truncated zip, ... raises many types
-        raise SnnCompressError(f"{path}: not a PyTorch checkpoint (unreadable: {type(e).__name__})") from e
+        raise SnnCompressError(f"{path}: not a {what} (unreadable: {type(e).__name__})") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load an snncompress checkpoint (``ckpt.pt``/``best.pt``/``slim.pt``) safely (:func:`read_torch_file`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SnnCompressError(f"{path}: no such checkpoint file")
+    ckpt = read_torch_file(path)
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if isinstance(found, str) and found.startswith("snncompress.") and found not in FORMATS:
         raise SnnCompressError(f"{path}: checkpoint format {found!r} is not supported by this version "

@@ -13,9 +13,9 @@ import os
 import torch
 import torch.nn as nn
 
-from .artifacts import SLIM_FORMAT, load_checkpoint
+from .artifacts import SLIM_FORMAT, load_checkpoint, read_torch_file, sha256
 from .config import Recipe, parse_recipe
-from .errors import SnnCompressError, first_line
+from .errors import RecipeError, SnnCompressError, first_line
 from .models import FactoryError, build_factory_model, create_model
 from .models.factory import accepted_data_kwargs, resolve_factory
 from .prune.gates import attach_gates, set_masks, strip_gates
@@ -52,6 +52,10 @@ def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = Non
             return attach_gates(model, example)
         except ValueError as e:  # a layer channel pruning cannot handle exactly
             raise FactoryError(f"model factory {spec['factory']!r}: {e}") from e
+        except Exception as e:  # the trace runs one time step in single-step mode
+            raise FactoryError(f"model factory {spec['factory']!r}: its forward fails when traced in single-step "
+                               f"mode on [B, C, H, W] ({first_line(e)}); build it from spikingjelly layers whose "
+                               "step mode can be switched") from e
     model = create_model(spec["name"], **spec["kwargs"])
     try:  # the first forward: a built-in model that cannot take this input says so in one line
         return attach_gates(model, example)
@@ -131,3 +135,58 @@ def load_model(path: str | os.PathLike, trust_factory: bool = False) -> nn.Modul
 
 def recipe_of(ckpt: dict) -> Recipe:
     return parse_recipe(ckpt["recipe"], "checkpoint recipe")
+
+
+WEIGHT_KEYS = ("state_dict", "model", "net")  # where training scripts (spikingjelly's examples: "net") keep it
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file: an snncompress checkpoint, a plain ``state_dict``, or a dict
+    holding one under ``state_dict`` / ``model`` / ``net``; read with ``torch.load(weights_only=True)``."""
+    obj = read_torch_file(path, "PyTorch weights file")
+    is_state = lambda d: isinstance(d, dict) and d and all(torch.is_tensor(v) for v in d.values())  # noqa: E731
+    if isinstance(obj, dict) and not is_state(obj):
+        obj = next((obj[k] for k in WEIGHT_KEYS if is_state(obj.get(k))), obj)
+    if not is_state(obj):
+        keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
+        raise SnnCompressError(f"{path}: no state dict in it (expected a dict of tensors, or one under "
+                               f"{', '.join(WEIGHT_KEYS)}; found {keys or 'an empty dict'})")
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load trained weights into a gated model built from the recipe; return the file's sha256.
+
+    The channel gates are not weights: a file's gates (an snncompress checkpoint's masks) are ignored
+    and pruning starts with every channel open. A file that does not fit the model is refused with one
+    line naming how many keys are missing, unexpected or of another shape, and the first few of each
+    (a :class:`RecipeError`: exit code 2).
+    """
+    try:
+        weights = {k: v for k, v in read_weights(path).items() if not k.endswith(".gate.gate")}
+    except SnnCompressError as e:  # the recipe names the file: a usage error, like any bad recipe field
+        raise RecipeError(f"model.weights: {e}") from e
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(".gate.gate")}
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} key{'s' * (len(missing) > 1)} missing ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+    if reshaped:
+        shapes = [f"{k}: {list(weights[k].shape)} in the file, {list(own[k].shape)} in the model" for k in reshaped]
+        problems.append(f"{len(reshaped)} of another shape ({_first(shapes, 2)})")
+    if problems:
+        raise RecipeError(f"model.weights: {path} does not fit the recipe's model: {', '.join(problems)}")
+    model.load_state_dict(weights, strict=False)  # strict on everything but the gates, checked above
+    return sha256(path)

@@ -94,6 +94,9 @@ class ModelCfg(_Strict):
     width: Positive = 1.0  # registered models: every channel count is scaled by it
     readout_pool: PositiveInt = 1  # vgg only: average the last feature map to p x p before the linear readout
     neuron: NeuronCfg = NeuronCfg()
+    # trained weights to start from: an snncompress checkpoint, a torch.save(state_dict) file, or a dict
+    # holding the state dict under state_dict / model / net (read with torch.load(weights_only=True))
+    weights: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +175,8 @@ class TrainCfg(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available; bf16 autocast on cuda
     checkpoint_every: PositiveInt = 1  # epochs between ckpt.pt writes (the last epoch is always written)
+    # L1 penalty on every BatchNorm gamma (network slimming): the dense pre-training of criticality's pipeline
+    l1_gamma: NonNegative = 0.0
 
 
 # fields that mean something for one method only: setting one for another method is an error
@@ -201,7 +206,7 @@ class PruneCfg(_Strict):
     scope: Literal["layer", "neuron"] = "layer"  # pq: the PQ index and rewiring count per layer or per output neuron
     er_init: bool = True  # pq: Erdos-Renyi(-kernel) per-layer densities at init (false: the same density everywhere)
     warmup_epochs: NonNegativeInt = 2  # epochs before the first update (dense; pq: sparse from epoch 0)
-    ramp_epochs: PositiveInt = 8  # cubic ramp of the budget to its target (not used by pq: sparse from the start)
+    ramp_epochs: NonNegativeInt = 8  # cubic ramp of the budget to its target; 0 = one-shot (pq: sparse from the start)
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
     update_every: PositiveInt = 1  # epochs between mask updates
     min_channels: PositiveInt = 2  # never fewer channels in a group (unstructured: non-empty filters per layer)
@@ -277,10 +282,12 @@ class Recipe(_Strict):
             if p.warmup_epochs + p.finetune_epochs > self.train.epochs:
                 raise ValueError("prune: warmup_epochs + finetune_epochs must be <= train.epochs, got "
                                  f"{p.warmup_epochs} + {p.finetune_epochs} > {self.train.epochs}")
-        elif p.warmup_epochs + p.ramp_epochs + p.finetune_epochs > self.train.epochs:
+        elif p.warmup_epochs + max(1, p.ramp_epochs) + p.finetune_epochs > self.train.epochs:
+            # one-shot (ramp 0) still needs the epoch that ends with its update
             raise ValueError(
-                "prune: warmup_epochs + ramp_epochs + finetune_epochs must be <= train.epochs, got "
-                f"{p.warmup_epochs} + {p.ramp_epochs} + {p.finetune_epochs} > {self.train.epochs}"
+                "prune: warmup_epochs + ramp_epochs (at least 1 epoch: the first update's) + finetune_epochs "
+                f"must be <= train.epochs, got {p.warmup_epochs} + {p.ramp_epochs} + {p.finetune_epochs} > "
+                f"{self.train.epochs}"
             )
         return self
 

@@ -15,6 +15,7 @@ from typing import Callable
 from . import distributed
 from .artifacts import write_json
 from .config import Recipe
+from .data import load_dataset
 from .deploy import exported_from
 from .errors import SnnCompressError
 from .layout import RunLayout
@@ -22,7 +23,7 @@ from .registry import is_code_string, trust_code
 from .stages.bench import BenchSettings, bench_models
 from .stages.export import export_onnx
 from .stages.slim import slim_checkpoint
-from .stages.train import train
+from .stages.train import starting_model, train
 
 RUN_FORMAT = "snncompress.run/1"
 STAGES = ("train", "baseline", "slim", "export", "bench")
@@ -80,6 +81,8 @@ def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Call
             trust_code(code)
     recipe_json = recipe.model_dump(mode="json")
     status = {"format": RUN_FORMAT, "recipe": recipe_json, "stages": {}}
+    if recipe.model.weights:  # checked before anything is written: weights that do not fit leave no run behind
+        status["weights"] = starting_model(recipe, load_dataset(recipe.data, recipe.seed))[3]
     if resume and out.status.exists():
         previous = json.loads(out.status.read_text())
         if previous.get("recipe") != recipe_json:

@@ -108,6 +108,36 @@ def test_bad_frames_are_refused_naming_the_file(tmp_path):
         load_dataset(cfg, 0)
 
 
+def test_frames_are_read_from_their_files_when_used(tmp_path):
+    # a DVS-sized set does not fit comfortably in memory: loading keeps the file list, reading happens per sample
+    from snncompress.data.frames import FrameFiles
+
+    root = write_frames(tmp_path, split=True)
+    d = load_dataset(DataCfg(name="frames", root=str(root), T=2, encoding="frames"), 0)
+    assert isinstance(d.x_train, FrameFiles) and d.x_train.shape == (16, 2, 2, 8, 8)
+    on_disk = torch.from_numpy(np.load(root / "test" / "gesture1" / "sample0.npz")["frames"])
+    assert torch.equal(d.x_test[8], on_disk) and torch.equal(d.x_test[8:10][0], on_disk)
+    frames = np.load(root / "test" / "gesture1" / "sample1.npz")["frames"]
+    frames[0, 0, 0, 0] = np.nan  # values are checked when the sample is read, with the file named
+    np.savez(root / "test" / "gesture1" / "sample1.npz", frames=frames)
+    with pytest.raises(SnnCompressError, match=r"sample1.npz: 'frames' holds NaN"):
+        d.x_test[8:10]
+
+
+def test_training_on_frames_is_the_same_with_dataloader_workers(tmp_path):
+    root = write_frames(tmp_path / "data", split=True)
+    data = {"name": "frames", "root": str(root), "T": 2, "encoding": "frames", "batch_size": 8}
+    runs = [sc.train(parse_recipe({**TINY, "data": {**data, "workers": w}, "train": {"epochs": 4}}), tmp_path / str(w),
+                     progress=False) for w in (0, 2)]
+    assert [m["train_loss"] for m in runs[0].metrics] == [m["train_loss"] for m in runs[1].metrics]
+
+
+def test_images_are_float32_in_memory():
+    for enc in ("direct", "poisson"):
+        d = load_dataset(DataCfg(name="digits", encoding=enc), 0)
+        assert d.x_train.dtype == torch.float32 and d.x_test.dtype == torch.float32
+
+
 def test_mnist5k_ships_5000_real_images():
     d = load_dataset(DataCfg(name="mnist5k"), 0)
     assert len(d.x_train) + len(d.x_test) == 5000 and d.input_shape == [1, 28, 28]

@@ -44,7 +44,7 @@ def not_a_module(in_channels: int, num_classes: int) -> dict:
     return {"in_channels": in_channels}
 
 
-def multi_step_only(in_channels: int, num_classes: int) -> nn.Module:
+def no_mean_over_t(in_channels: int, num_classes: int) -> nn.Module:
     """Returns [T, B, classes]: forgets to average the readout over T."""
 
     class NoMean(SmallSNN):
@@ -78,3 +78,32 @@ def summed_readout(in_channels: int, num_classes: int) -> SmallSNN:
             return y.sum(0) if y.dim() == 3 else y
 
     return Summed(in_channels, num_classes)
+
+
+def diverging(in_channels: int, num_classes: int) -> SmallSNN:
+    """Its logits turn NaN while it trains (as an exploding loss does)."""
+
+    class Diverging(SmallSNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            return y * float("nan") if self.training else y
+
+    return Diverging(in_channels, num_classes)
+
+
+def time_axis_by_hand(in_channels: int, num_classes: int) -> nn.Module:
+    """Folds the time axis into the batch by hand with plain torch layers: it cannot run on one step."""
+
+    class ByHand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.node, self.fc = neuron.LIFNode(step_mode="m"), nn.Linear(8, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            T, B = x.shape[:2]
+            y = self.bn(self.conv(x.flatten(0, 1)))
+            s = self.node(y.view(T, B, *y.shape[1:]))
+            return self.fc(s.mean((3, 4))).mean(0)
+
+    return ByHand()

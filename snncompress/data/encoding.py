@@ -18,7 +18,8 @@ def graph_input(x: torch.Tensor, T: int, encoding: str, generator: torch.Generat
     if encoding == "direct":
         return x
     if encoding == "poisson":  # x holds intensities in [0, 1]; a pixel fires with that probability per step
-        u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=generator, dtype=x.dtype)
+        # drawn by the CPU generator whatever x's device: the same spikes on every device, resumes exact
+        u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=generator, dtype=x.dtype).to(x.device)
         return (u < x.unsqueeze(1)).to(x.dtype)
     if encoding == "frames":  # already [B, T, C, H, W]
         return x

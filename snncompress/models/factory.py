@@ -1,9 +1,10 @@
 """User model factories, named ``"package.module:function"`` in a recipe.
 
 A factory is imported only when trusted (see :func:`snncompress.registry.trust_code`), and its model is checked
-before use: it must be an ``nn.Module`` with supported layers whose forward maps ``[T, B, C, H, W]``
-(multi-step mode) and ``[B, C, H, W]`` (single-step mode, used by Torch-Pruning's trace) to
-``[B, classes]``. Every failure is a one-line :class:`FactoryError` naming the factory.
+before use: it must be an ``nn.Module`` with supported layers whose multi-step forward maps ``[T, B, C, H, W]``
+to ``[B, classes]``, as spikingjelly's tutorials write them (``return x_seq.mean(0)``; logits or firing
+rates). Its single-step form is only traced (Torch-Pruning follows the tensors, not the output's shape),
+so what it returns does not matter. Every failure is a one-line :class:`FactoryError` naming the factory.
 """
 
 from __future__ import annotations
@@ -60,30 +61,29 @@ def build_factory_model(factory: str, kwargs: dict, example: torch.Tensor, num_c
         raise FactoryError(f"model factory {factory!r} failed with kwargs {sorted(kwargs)} ({first_line(e)})") from e
     if not isinstance(model, nn.Module):
         raise FactoryError(f"model factory {factory!r} did not return an nn.Module (got {type(model).__name__})")
-    check_step_modes(model, example, num_classes, factory)
+    check_multi_step(model, example, num_classes, factory)
     return model
 
 
 @torch.no_grad()
-def check_step_modes(model: nn.Module, example: torch.Tensor, num_classes: int | None, factory: str) -> None:
-    """Require ``[B, classes]`` logits from a ``[T,B,C,H,W]`` multi-step and a ``[B,C,H,W]`` single-step forward."""
+def check_multi_step(model: nn.Module, example: torch.Tensor, num_classes: int | None, factory: str) -> None:
+    """Require ``[B, classes]`` from a multi-step forward of ``example`` (``[T, B, C, H, W]``)."""
     B = example.shape[1]
     was_training = model.training
     model.eval()  # no BatchNorm statistics are updated by the check
     try:
-        for mode, x in (("multi-step", example), ("single-step", example[0])):
-            with step_mode(model, "m" if mode == "multi-step" else "s"):
-                try:
-                    y = model(x)
-                except Exception as e:
-                    raise FactoryError(f"model factory {factory!r}: forward fails in {mode} mode on input "
-                                       f"{list(x.shape)} ({first_line(e)})") from e
-            ok = isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[0] == B \
-                and (num_classes is None or y.shape[1] == num_classes)
-            if not ok:
-                got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                raise FactoryError(f"model factory {factory!r}: {mode} forward of {list(x.shape)} must return "
-                                   f"[B, classes] = [{B}, {num_classes if num_classes is not None else 'classes'}], "
-                                   f"got {got}")
+        with step_mode(model, "m"):
+            try:
+                y = model(example)
+            except Exception as e:
+                raise FactoryError(f"model factory {factory!r}: forward fails in multi-step mode on input "
+                                   f"{list(example.shape)} ({first_line(e)})") from e
+        ok = isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[0] == B \
+            and (num_classes is None or y.shape[1] == num_classes)
+        if not ok:
+            got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise FactoryError(f"model factory {factory!r}: multi-step forward of {list(example.shape)} must return "
+                               f"[B, classes] = [{B}, {num_classes if num_classes is not None else 'classes'}], "
+                               f"got {got}")
     finally:
         model.train(was_training)

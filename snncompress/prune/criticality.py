@@ -108,7 +108,7 @@ class CriticalityScorer(BNScorer):
         alpha = twin.surrogate_function.alpha
 
         def hook(module: nn.Module, args, out) -> None:
-            if not module.training:
+            if not (self.active and module.training):  # the twin neuron runs only in scoring epochs
                 return
             x = args[0].detach()
             with torch.no_grad():

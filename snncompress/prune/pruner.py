@@ -28,7 +28,8 @@ Reduce = Callable[[list[torch.Tensor]], None]  # sums tensors over processes in 
 class Pruner(Protocol):
     """What the training loop calls, in this order, every training step and epoch.
 
-    ``penalty()`` is added to the loss; ``after_backward()`` runs after ``loss.backward()``;
+    ``begin_epoch(epoch)`` at the start of each epoch (a method gathers statistics only in epochs whose
+    statistics a mask update will read); ``penalty()`` is added to the loss; ``after_backward()`` runs after ``loss.backward()``;
     ``after_step()`` after the optimiser step; ``end_epoch(epoch, reduce)`` at the end of each epoch
     (if it updates the masks it first sums ``statistics()`` over all processes with ``reduce``, when
     given; it returns the history entry of an update, else None).
@@ -44,6 +45,8 @@ class Pruner(Protocol):
 
     def at_target(self) -> bool:
         """True once the masks have reached the final budget (the best checkpoint is only taken then)."""
+
+    def begin_epoch(self, epoch: int) -> None: ...
 
     def penalty(self) -> torch.Tensor: ...
 
@@ -86,7 +89,7 @@ def build_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, ep
             raise SnnCompressError(f"prune.sparsity: method {cfg.method} is structured (a Scorer): set keep, not "
                                    "sparsity")
         return ChannelPruner(model, groups, cfg, epochs, seed, cls)
-    if isinstance(cls, type) and all(hasattr(cls, m) for m in ("end_epoch", "after_backward", "masks")):
+    if isinstance(cls, type) and all(hasattr(cls, m) for m in ("begin_epoch", "end_epoch", "after_backward", "masks")):
         return cls(model, groups, cfg, epochs, seed, optimizer)
     raise SnnCompressError(f"prune.method {cfg.method!r}: not a Scorer subclass or a Pruner class "
                            f"(got {type(cls).__name__})")

@@ -26,15 +26,21 @@ class ActivityScorer(Scorer):
         self._activity = ChannelMeans(groups, model_device(model))
         self._handles = []
         modules = dict(model.named_modules())
+        self._nodes = [modules[neuron_of(gate)] for g in groups for gate in g.gates]
         for g in groups:
             for gate in g.gates:
-                node = modules[neuron_of(gate)]
-                node.store_v_seq = True
-                self._handles.append(node.register_forward_hook(self._hook(g.name)))
+                self._handles.append(modules[neuron_of(gate)].register_forward_hook(self._hook(g.name)))
+        self.activate(True)
+
+    def activate(self, on: bool) -> None:
+        # the stored [T, N, C, H, W] potentials cost memory (one more activation per neuron): only while scoring
+        super().activate(on)
+        for node in self._nodes:
+            node.store_v_seq = on
 
     def _hook(self, group: str):
         def hook(module: BaseNode, args, spikes: torch.Tensor) -> None:
-            if not module.training:
+            if not (self.active and module.training):
                 return
             v = module.v_seq
             with torch.no_grad():
@@ -44,3 +50,8 @@ class ActivityScorer(Scorer):
 
     def scores(self) -> dict[str, torch.Tensor]:
         return self._activity.means()
+
+    def remove(self) -> None:
+        super().remove()
+        for node in self._nodes:
+            node.store_v_seq = False

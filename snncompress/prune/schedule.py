@@ -7,9 +7,12 @@ from ..config import PruneCfg
 
 def ramp_remaining(cfg: PruneCfg, epoch: int) -> float:
     """``(1 - t)^3`` of the cubic ramp at the update at the end of ``epoch``, with
-    ``t = (epoch - warmup_epochs + 1) / ramp_epochs`` capped at 1: 1 in warm-up, 0 from the ramp's end on."""
+    ``t = (epoch - warmup_epochs + 1) / ramp_epochs`` capped at 1: 1 in warm-up, 0 from the ramp's end on.
+    ``ramp_epochs: 0`` is one-shot: the whole budget at the first update (the end of epoch ``warmup_epochs``)."""
     if epoch < cfg.warmup_epochs:
         return 1.0
+    if cfg.ramp_epochs == 0:
+        return 0.0
     t = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.ramp_epochs)
     return (1.0 - t) ** 3
 
@@ -29,3 +32,10 @@ def is_update_epoch(cfg: PruneCfg, epochs: int, epoch: int) -> bool:
     if epoch < cfg.warmup_epochs or epoch >= epochs - cfg.finetune_epochs:
         return False
     return (epoch - cfg.warmup_epochs) % cfg.update_every == 0
+
+
+def is_scoring_epoch(cfg: PruneCfg, epochs: int, epoch: int) -> bool:
+    """The statistics of this epoch feed a mask update: one of the next ``update_every`` epochs (this one
+    included) ends with an update. Scorers hook the network only in these epochs; warm-up epochs before
+    the first window and the frozen fine-tune cost what dense training costs."""
+    return any(is_update_epoch(cfg, epochs, e) for e in range(epoch, min(epoch + cfg.update_every, epochs)))

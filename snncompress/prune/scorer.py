@@ -24,8 +24,12 @@ class Scorer:
 
     :meth:`scores` (higher = keep) is the only required method; the defaults below are those of a
     method that needs no training-loss term and uses the selector's default regrowth signal
-    (the accumulated ``|dL/dgate|``). Hooks, if any, accumulate only while ``module.training``.
+    (the accumulated ``|dL/dgate|``). Hooks, if any, accumulate only while ``self.active`` and
+    ``module.training``: the pruner turns a scorer off (:meth:`activate`) in epochs whose statistics
+    no mask update reads (warm-up, frozen fine-tune).
     """
+
+    active = True
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
         self.model, self.groups, self.seed = model, groups, seed
@@ -42,6 +46,11 @@ class Scorer:
     def penalty(self) -> torch.Tensor:
         """Term added to the training loss (e.g. an L1 penalty); 0 for most methods."""
         return torch.zeros(())
+
+    def activate(self, on: bool) -> None:
+        """Gather statistics (``on``) or not; a scorer whose hooks cost extra (stored potentials, a twin
+        neuron) turns that cost off here."""
+        self.active = on
 
     # The defaults below cover a scorer whose window state is its ChannelMeans attributes.
     def _means(self) -> dict[str, ChannelMeans]:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..config import PruneCfg
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
-from .schedule import is_update_epoch, keep_fraction_at
+from .schedule import is_scoring_epoch, is_update_epoch, keep_fraction_at
 from .scorer import Scorer, model_device
 from .select import pq_budgets, round_masks, select_masks, select_masks_budgeted
 
@@ -18,8 +18,9 @@ class ChannelPruner:
     """Owns the channel masks of a gated model while it trains, for any :class:`Scorer` (implements
     :class:`~snncompress.prune.pruner.Pruner`).
 
-    :meth:`after_backward` accumulates the regrowth signal ``|dL/dgate|`` (on the model's device) and
-    clears the gate gradients; :meth:`after_step` restores the frozen weights of closed channels, so a
+    :meth:`begin_epoch` turns the scorer on only in epochs that feed a mask update;
+    :meth:`after_backward` accumulates the regrowth signal ``|dL/dgate|`` (on the model's device, in
+    those epochs) and clears the gate gradients; :meth:`after_step` restores the frozen weights of closed channels, so a
     regenerated channel resumes where it left off; :meth:`end_epoch` recomputes the masks when the
     schedule says so; :meth:`penalty` is the method's term of the training loss.
     """
@@ -32,6 +33,7 @@ class ChannelPruner:
         device = model_device(model)
         self._regrowth = {g.name: torch.zeros(g.size, dtype=torch.float64, device=device) for g in groups}
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._scoring = True
         self.history: list[dict] = []
 
     @property
@@ -47,12 +49,17 @@ class ChannelPruner:
     def penalty(self) -> torch.Tensor:
         return self.scorer.penalty()
 
+    def begin_epoch(self, epoch: int) -> None:
+        self._scoring = is_scoring_epoch(self.cfg, self.epochs, epoch)
+        self.scorer.activate(self._scoring)
+
     def after_backward(self) -> None:
         for g in self.groups:
             for name in g.gates:
                 gate = self._gates[name].gate
                 if gate.grad is not None:
-                    self._regrowth[g.name] += gate.grad.detach().abs()
+                    if self._scoring:
+                        self._regrowth[g.name] += gate.grad.detach().abs()
                     gate.grad = None
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from ..registry import register_method
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
 from .pq import pq_index, pq_prune_ratio
-from .schedule import is_update_epoch, sparsity_at
+from .schedule import is_scoring_epoch, is_update_epoch, sparsity_at
 from .select import top_k
 from .weights import (WeightMasks, channel_masks, ensure_rows, er_densities, maskable_layers, pack_masks,
                       random_masks, round_half_up, unpack_masks)
@@ -111,6 +111,7 @@ class WeightPruner:
         self.weights = WeightMasks(self.layers)
         self._gates = gate_modules(model)
         self.history: list[dict] = []
+        self._scoring = True
         self._set(self.initial_masks(seed))
 
     def initial_masks(self, seed: int) -> dict[str, torch.Tensor]:
@@ -139,6 +140,10 @@ class WeightPruner:
 
     def penalty(self) -> torch.Tensor:
         return torch.zeros(())
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Gather the method's statistics only in epochs that feed a mask update."""
+        self._scoring = is_scoring_epoch(self.cfg, self.epochs, epoch)
 
     def after_backward(self) -> None:
         self.weights.mask_grads()
@@ -217,6 +222,10 @@ class CriticalityWeightPruner(WeightPruner):
         self.scorer = CriticalityScorer(model, groups, cfg, seed)
         super().__init__(model, groups, cfg, epochs, seed, optimizer)
 
+    def begin_epoch(self, epoch: int) -> None:
+        super().begin_epoch(epoch)
+        self.scorer.activate(self._scoring)
+
     def statistics(self) -> list[torch.Tensor]:
         return self.scorer.statistics()
 
@@ -268,7 +277,7 @@ class PQWeightPruner(WeightPruner):
 
     def after_backward(self) -> None:
         for n, m in self.layers.items():
-            if m.weight.grad is not None:
+            if self._scoring and m.weight.grad is not None:
                 self._grad[n] += m.weight.grad.detach()
         super().after_backward()
 

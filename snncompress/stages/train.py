@@ -4,6 +4,7 @@ written atomically every epoch, exact resume."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -17,13 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from spikingjelly.activation_based import functional
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
-from ..checkpoint import build_model, model_spec
+from ..checkpoint import build_model, load_weights, model_spec
 from ..config import Recipe, TrainCfg
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
+from ..data.datasets import Pairs
 from ..data.augment import random_crop_flip
 from ..errors import SnnCompressError
 from ..evaluation import evaluate
@@ -100,6 +102,42 @@ def evaluate_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int,
     return loss_sum / len(y), correct / len(y)
 
 
+def starting_model(recipe: Recipe, data: Dataset) -> tuple[dict, nn.Module, torch.Tensor, dict | None]:
+    """``(spec, gated model, example input, weights record)`` of a recipe: the model it builds, loaded
+    with ``model.weights`` if given (the record then holds the file's path and sha256)."""
+    spec = model_spec(recipe, data.input_shape[0], len(data.classes))
+    example = encode(data.x_train[:2], recipe.data.T, recipe.data.encoding)
+    model = build_model(spec, example, len(data.classes))
+    path = recipe.model.weights
+    return spec, model, example, {"path": path, "sha256": load_weights(model, path)} if path else None
+
+
+def train_step(net: nn.Module, x_seq: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+               pruner: Pruner | None, autocast: torch.autocast,
+               l1_gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step with the pruner's hooks; returns (loss, correct predictions) as device tensors.
+
+    The loss minimised adds the method's penalty and ``l1_gamma`` times the L1 norm of every BatchNorm's
+    gamma (``train.l1_gamma``). Nothing here reads a value back to the host, so a GPU is never made to
+    wait inside the step.
+    """
+    with autocast:
+        out = net(x_seq)
+        loss = F.cross_entropy(out.float(), y)
+    total = loss + pruner.penalty() if pruner else loss
+    if l1_gamma:
+        total = total + l1_gamma * sum(m.weight.abs().sum() for m in net.modules()
+                                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    if pruner:
+        pruner.after_backward()
+    opt.step()
+    if pruner:
+        pruner.after_step()
+    return loss, (out.argmax(1) == y).sum()
+
+
 def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bool = False) -> TrainResult:
     """Train ``recipe`` into ``out_dir`` (``ckpt.pt``, ``best.pt``, ``metrics.jsonl``).
 
@@ -119,13 +157,11 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
 def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) -> TrainResult:
     multi, rank, main = distributed.is_distributed(), distributed.rank(), distributed.is_main()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(recipe.seed)
     data: Dataset = load_dataset(recipe.data, recipe.seed)
-    spec = model_spec(recipe, data.input_shape[0], len(data.classes))
+    spec, model, example, weights = starting_model(recipe, data)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a recipe whose weights do not fit writes nothing
     T, enc = recipe.data.T, recipe.data.encoding
-    example = encode(data.x_train[:2], T, enc)
-    model = build_model(spec, example, len(data.classes))
     groups = channel_groups(model, example)
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
@@ -141,12 +177,14 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     epochs = recipe.train.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if recipe.train.schedule == "cosine" \
         else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    train_set = TensorDataset(data.x_train, data.y_train)
+    gen = torch.Generator().manual_seed(recipe.seed)  # the shuffle's (checkpointed: resumes are exact)
+    train_set = Pairs(data.x_train, data.y_train)
     # under torchrun: each rank a disjoint shard of a permutation drawn from the seed and the epoch
-    sampler = DistributedSampler(train_set, seed=recipe.seed) if multi else None
+    sampler = DistributedSampler(train_set, seed=recipe.seed) if multi else RandomSampler(train_set, generator=gen)
+    # the loader draws its workers' seeds from its own generator (the samples need no randomness), so the
+    # shuffle is the same with or without (persistent) workers
     loader = DataLoader(train_set, batch_size=recipe.data.batch_size, sampler=sampler,
-                        shuffle=sampler is None, generator=gen, num_workers=recipe.data.workers,
+                        generator=torch.Generator().manual_seed(recipe.seed), num_workers=recipe.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0)
     augment = recipe.data.augments and enc != "frames"
     # bf16 autocast on GPUs; CPU training stays fp32 (bitwise-deterministic runs and resumes)
@@ -164,42 +202,37 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
                                 "every rank must see the same OUT/ckpt.pt (across nodes: a shared filesystem)")
     net = distributed.wrap(model, device)  # after the resume: rank 0's state goes to every rank
     base = {"format": CKPT_FORMAT, "version": __version__, "recipe": recipe.model_dump(mode="json"),
-            "model": spec, "data": data.meta(recipe.data)}
+            "model": spec, "data": data.meta(recipe.data), "weights": weights}
     every = recipe.train.checkpoint_every
     last_saved = start - 1
     with _progress(progress and main) as bar:
         task = bar.add_task(recipe.name, total=epochs, completed=start, info="resumed" if start else "")
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            if sampler is not None:
+            if multi:
                 sampler.set_epoch(epoch)
                 seed_everything(distributed.rank_seed(recipe.seed, epoch))
             net.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            if pruner:
+                pruner.begin_epoch(epoch)
+            # summed on the device: the step never waits for it; the host reads the sums once per epoch
+            loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+            seen = 0
             for xb, yb in loader:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 if augment:
                     xb = random_crop_flip(xb)
-                xb, yb = encode(xb, T, enc).to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                with autocast:
-                    out = net(xb)
-                    loss = F.cross_entropy(out.float(), yb)
-                if not torch.isfinite(loss):
-                    good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none (no epoch finished)"
-                    raise SnnCompressError(f"training diverged: loss is {loss.item()} in epoch {epoch}; "
-                                           f"stopped; last good checkpoint: {good}")
-                opt.zero_grad(set_to_none=True)
-                (loss + pruner.penalty() if pruner else loss).backward()  # the method's penalty, if any
-                if pruner:
-                    pruner.after_backward()
-                opt.step()
-                if pruner:
-                    pruner.after_step()
+                loss, hits = train_step(net, encode(xb, T, enc), yb, opt, pruner, autocast, recipe.train.l1_gamma)
                 functional.reset_net(model)
-                loss_sum += loss.item() * len(yb)
-                correct += int((out.argmax(1) == yb).sum())
+                loss_sum += loss.detach() * len(yb)
+                correct += hits
                 seen += len(yb)
             sched.step()
-            loss_sum, correct, seen = distributed.sum_numbers(loss_sum, correct, seen)
+            loss_sum, correct, seen = distributed.sum_numbers(loss_sum.item(), int(correct), seen)
+            if not math.isfinite(loss_sum):  # checked after the sum, so every rank stops together
+                good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none (no epoch finished)"
+                raise SnnCompressError(f"training diverged: the loss is {loss_sum} in epoch {epoch}; "
+                                       f"stopped; last good checkpoint: {good}")
             event = pruner.end_epoch(epoch, distributed.sum_across_ranks if multi else None) if pruner else None
             if event is not None:
                 event["mask_sha256"] = distributed.check_masks_agree(pruner.agreement(), epoch)
