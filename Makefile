@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -c "import torch, spikingjelly.activation_based.neuron, torch_pruning, onnxruntime, onnxsim; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(PY) -c "import torch, spikingjelly.activation_based.neuron, torch_pruning, onnxruntime, onnxsim, nir, nirtorch, snntorch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 test: install

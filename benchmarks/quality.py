@@ -64,9 +64,8 @@ def _job(recipe: dict, out: str) -> dict:
             "macs": count_macs(model, encode(data.x_test[:1], T, enc)), "sops": stats["sops"]}
 
 
-def _scratch(dense: dict, keep: float, seed: int) -> dict:
-    epochs = dense["train"]["epochs"]
-    return {**dense, "name": f"sca-scratch-{keep}", "seed": seed,
+def _scratch(dense: dict, keep: float, seed: int, epochs: int) -> dict:
+    return {**dense, "name": f"sca-scratch-{keep}", "seed": seed, "train": {**dense["train"], "epochs": epochs},
             "prune": {"method": "sca", "keep": keep, "regrow": round(keep / 4, 4), "warmup_epochs": 1,
                       "ramp_epochs": epochs - 3, "finetune_epochs": 2, "min_channels": 2}}
 
@@ -171,7 +170,9 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=__import__("multiprocessing").get_context("spawn")) as pool:
         first = {pool.submit(_job, {**dense, "seed": s}, str(work / f"dense-{s}")):
                  {"variant": "dense", "keep": None, "seed": s} for s in seeds}
-        first.update({pool.submit(_job, _scratch(dense, k, s), str(work / f"scratch-{k}-{s}")):
+        # from scratch with twice the epochs of the fine-tuning from trained weights
+        scratch_epochs = 2 * base["train"]["epochs"]
+        first.update({pool.submit(_job, _scratch(dense, k, s, scratch_epochs), str(work / f"scratch-{k}-{s}")):
                       {"variant": "sca (scratch)", "keep": k, "seed": s} for k, n in keeps.items() for s in range(n)})
         collect(first)
         weights = {r["seed"]: r["ckpt"] for r in rows if r["variant"] == "dense"}

@@ -5,6 +5,7 @@
     result = sc.train(recipe, "runs/q")               # ckpt.pt with masks
     sc.slim_checkpoint(result.ckpt, "runs/q/slim.pt") # channels removed, verified
     sc.export_onnx("runs/q/slim.pt", "runs/q/model.onnx")
+    sc.export_nir("runs/q/slim.pt", "runs/q/model.nir")  # neuromorphic hardware (model.pool: avg)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _API = {
     "channel_groups": "prune.groups", "Scorer": "prune.scorer", "Pruner": "prune.pruner",
     "load_checkpoint": "artifacts", "load_model": "checkpoint", "evaluate": "evaluation",
     "train": "stages.train", "slim_checkpoint": "stages.slim", "slim": "stages.surgery",
-    "export_onnx": "stages.export", "BenchSettings": "stages.bench", "bench": "run", "run_pipeline": "run",
+    "export_onnx": "stages.export", "export_nir": "stages.export", "BenchSettings": "stages.bench", "bench": "run", "run_pipeline": "run",
     "compare": "compare",
 }
 __all__ = sorted(_API)

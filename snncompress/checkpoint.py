@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .artifacts import SLIM_FORMAT, load_checkpoint, read_torch_file, sha256
-from .config import Recipe, parse_recipe
+from .config import VGG_MODELS, Recipe, parse_recipe
 from .errors import RecipeError, SnnCompressError, first_line
 from .models import FactoryError, build_factory_model, create_model
 from .models.factory import accepted_data_kwargs, resolve_factory
@@ -36,6 +36,8 @@ def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "neuron": m.neuron.model_dump(), "width": m.width}
     if m.name == "vgg":
         kwargs.update(layers=list(m.layers), readout_pool=m.readout_pool)
+    if m.name in VGG_MODELS:
+        kwargs["pool"] = m.pool
     return {"name": m.name, "kwargs": kwargs}
 
 

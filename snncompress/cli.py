@@ -92,8 +92,11 @@ def slim_cmd(ckpt: Path = typer.Argument(..., help="Training checkpoint (ckpt.pt
 
 @app.command("export")
 def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint"),
-               onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the only format for now)"),
-               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default CKPT with .onnx)"),
+               onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (CPUs, GPUs)"),
+               nir: bool = typer.Option(False, "--nir", help="Export to NIR (neuromorphic hardware; needs average "
+                                                             "pooling and hard-reset IF/LIF neurons)"),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default CKPT with .onnx "
+                                                                             "or .nir)"),
                fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the convs (faster; may flip "
                                                                      "spikes at the threshold: agreement is reported)"),
                sj_neurons: bool = typer.Option(False, "--sj-neurons", help="Export spikingjelly's own neuron ops "
@@ -103,11 +106,25 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
                unroll: str = typer.Option("auto", "--unroll", help="step: the whole network once per time step "
                                                                    "(faster at large batch); layer: each layer over "
                                                                    "all steps, as trained; auto: step, else layer")) -> None:
-    """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime."""
+    """Unroll the T time steps into a static ONNX graph and verify it with onnxruntime, or write the network as
+    a NIR graph and verify it read back and simulated."""
     from .errors import SnnCompressError
 
-    if not onnx:
-        raise SnnCompressError("choose an export format: --onnx")
+    if onnx == nir:
+        raise SnnCompressError("choose one export format: --onnx or --nir")
+    if nir:
+        from .stages.export import export_nir
+
+        n = export_nir(ckpt, out, trust_factory=_state["trust_factory"])
+        console.print(f"BatchNorm folded: max |Δlogit| {n.fold_max_abs_diff:.2g} against the model as trained, "
+                      f"{n.fold_agreement:.2%} of test predictions unchanged"
+                      + (" (exact in float64: float32 rounding at the threshold)" if n.fold_float64_exact else ""),
+                      highlight=False)
+        console.print(f"verified: read back with nir.read and simulated by spikingjelly on {n.n_samples} test samples: "
+                      f"same predictions, max |Δlogit| {n.max_abs_diff:.2g}; "
+                      + ", ".join(f"{v} {k}" for k, v in n.nodes.items())
+                      + f" nodes, {n.neurons:,} neurons, {n.bytes:,} bytes; wrote {n.path}", highlight=False)
+        return
     from .stages.export import export_onnx
 
     r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, int8=int8, order=unroll,
@@ -210,17 +227,32 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
 
 
 @app.command("info")
-def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt) or ONNX model to describe")) -> None:
-    """Versions, registered models and methods, or what a checkpoint / ONNX file written by snncompress holds."""
+def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt), ONNX or NIR model to describe")) -> None:
+    """Versions, registered models and methods, or what a checkpoint / ONNX / NIR file holds."""
     from importlib.metadata import version
 
     if path is None:
         from .registry import METHODS, list_models
 
         console.print(f"snncompress {__version__}; " + "; ".join(
-            f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime")))
+            f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime", "nir")))
         console.print(f"models: {', '.join(list_models())}")
         console.print("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
+        return
+    if path.suffix == ".nir":
+        from .neuromorphic import NIR_FORMAT, describe_nodes, read_nir
+
+        graph = read_nir(path)
+        table = Table("node", "type", "input", "output", title=f"{path} ({len(graph.nodes)} nodes, "
+                      f"{len(graph.edges)} edges)")
+        for row in describe_nodes(graph):
+            table.add_row(*row)
+        console.print(table)
+        meta = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in (graph.metadata or {}).items()}
+        if meta.get("format") != NIR_FORMAT:
+            console.print(f"metadata: none from snncompress (no '{NIR_FORMAT}' format entry)", highlight=False)
+        for k, v in meta.items():
+            console.print(f"{k}: {v}", highlight=False)
         return
     if path.suffix == ".onnx":
         from .deploy import read_onnx_metadata

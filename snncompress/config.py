@@ -56,7 +56,7 @@ def _non_negative(v: float) -> float:
 def _layer_entry(v: Any) -> int | str:
     if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         return v
-    raise ValueError("must be a positive int (conv width) or 'M' (2x2 max-pool)")
+    raise ValueError("must be a positive int (conv width) or 'M' (2x2 pool, see model.pool)")
 
 
 Fraction = Annotated[float, AfterValidator(_fraction)]
@@ -83,6 +83,9 @@ class NeuronCfg(_Strict):
     detach_reset: bool = True
 
 
+VGG_MODELS = ("vgg", "vgg16")  # the registered models with 2x2 pools (model.pool)
+
+
 class ModelCfg(_Strict):
     """A registered model (``name``) or a user factory (``factory``); exactly one of them."""
 
@@ -93,6 +96,7 @@ class ModelCfg(_Strict):
     layers: list[Annotated[int | str, PlainValidator(_layer_entry)]] | None = None
     width: Positive = 1.0  # registered models: every channel count is scaled by it
     readout_pool: PositiveInt = 1  # vgg only: average the last feature map to p x p before the linear readout
+    pool: Literal["max", "avg"] = "max"  # vgg models: the 2x2 pools ("avg" for NIR: chips have no max pooling)
     neuron: NeuronCfg = NeuronCfg()
     # trained weights to start from: an snncompress checkpoint, a torch.save(state_dict) file, or a dict
     # holding the state dict under state_dict / model / net (read with torch.load(weights_only=True))
@@ -115,7 +119,8 @@ class ModelCfg(_Strict):
             if not is_code_string(self.factory):
                 raise ValueError(f"factory: must be 'package.module:function', got {self.factory!r}")
             # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
-            for key, default in (("layers", None), ("width", 1.0), ("readout_pool", 1), ("neuron", NeuronCfg())):
+            for key, default in (("layers", None), ("width", 1.0), ("readout_pool", 1), ("pool", "max"),
+                                 ("neuron", NeuronCfg())):
                 if getattr(self, key) != default:
                     raise ValueError(f"{key}: only for registered models; pass a factory's arguments in kwargs")
             if set(self.kwargs) & {"in_channels", "num_classes"}:
@@ -129,6 +134,9 @@ class ModelCfg(_Strict):
             raise ValueError(f"layers: only for vgg (model.name is {self.name}); scale other models with width")
         if self.name != "vgg" and self.readout_pool != 1:
             raise ValueError(f"readout_pool: only for vgg (model.name is {self.name})")
+        if self.name not in VGG_MODELS and self.pool != "max":
+            raise ValueError(f"pool: only for {' / '.join(VGG_MODELS)} (model.name is {self.name}: it has no 2x2 "
+                             "pools; its global pool is an average already)")
         if self.name == "vgg" and not any(isinstance(v, int) for v in self.layers):
             raise ValueError("layers: needs at least one conv width (an int)")
         return self
@@ -264,6 +272,12 @@ class PruneCfg(_Strict):
         return self
 
 
+class ExportCfg(_Strict):
+    """What ``run`` exports besides the ONNX files it benches."""
+
+    nir: bool = False  # also model.nir: the slim network in NIR for neuromorphic hardware (docs: README, NIR)
+
+
 class Recipe(_Strict):
     name: str = "run"
     seed: NonNegativeInt = 0
@@ -272,6 +286,7 @@ class Recipe(_Strict):
     train: TrainCfg = TrainCfg()
     prune: PruneCfg | None = PruneCfg()
     baseline: bool = False  # `run` also trains the same recipe without pruning
+    export: ExportCfg = ExportCfg()
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "Recipe":

@@ -7,6 +7,7 @@
     baseline/...                              dense training of the same recipe (if recipe.baseline)
     slim.pt                                   pruned channels removed, verified
     model.onnx  dense.onnx  [baseline.onnx]   the slim, dense-shaped and baseline models, verified
+    [model.nir]                               the slim model as NIR (recipe export.nir), verified
     bench.json  report.md  *.png              the measurements
 """
 
@@ -55,6 +56,11 @@ class RunLayout:
         """ONNX file of each benched model: the slim model, the dense-shaped masked one, the baseline."""
         return {"slim": self.root / "model.onnx", "dense": self.root / "dense.onnx",
                 "baseline": self.root / "baseline.onnx"}
+
+    @property
+    def nir(self) -> Path:
+        """The slim model as NIR, for neuromorphic hardware (written when the recipe sets ``export.nir``)."""
+        return self.root / "model.nir"
 
     @property
     def bench(self) -> Path:

@@ -149,6 +149,7 @@ def spike_stats(model: nn.Module, x: torch.Tensor, T: int, encoding: str, batch_
     layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return {"sops": sops, "sops_effective": sops_nz, "macs_analog": analog, "macs_analog_effective": analog_nz,
             "firing_rate": sum(fired.values()) / max(1, sum(seen.values())),
+            "neurons": round(sum(seen.values()) / max(1, n * T)),  # spiking neurons (outputs per step)
             "energy_uj": (analog * PJ_PER_MAC + sops * PJ_PER_AC) * 1e-6,
             "energy_uj_effective": (analog_nz * PJ_PER_MAC + sops_nz * PJ_PER_AC) * 1e-6,
             "per_layer": {"sops": {name: counts.get(name, 0) / n for name in layers},

@@ -19,9 +19,10 @@ from .data import load_dataset
 from .deploy import exported_from
 from .errors import SnnCompressError
 from .layout import RunLayout
+from .neuromorphic import nir_exported_from
 from .registry import is_code_string, trust_code
 from .stages.bench import BenchSettings, bench_models
-from .stages.export import export_onnx
+from .stages.export import export_nir, export_onnx
 from .stages.slim import slim_checkpoint
 from .stages.train import starting_model, train
 
@@ -30,8 +31,12 @@ STAGES = ("train", "baseline", "slim", "export", "bench")
 DISTRIBUTED_STAGES = ("train", "baseline")  # under torchrun; the others run on rank 0 alone
 
 
-def export_all(checkpoints: dict[str, Path], onnx_paths: dict[str, Path], trust_factory: bool = False) -> None:
-    """Export (and verify) every checkpoint whose ONNX file is missing or was exported from something else."""
+def export_all(checkpoints: dict[str, Path], onnx_paths: dict[str, Path], trust_factory: bool = False,
+               nir: tuple[Path, Path] | None = None) -> None:
+    """Export (and verify) every checkpoint whose ONNX file is missing or was exported from something else;
+    ``nir=(checkpoint, path)`` also exports that checkpoint to NIR where its file is missing or stale."""
+    if nir is not None and not nir_exported_from(nir[1], nir[0]):  # first: it refuses what NIR cannot express
+        export_nir(nir[0], nir[1], trust_factory=trust_factory)
     for name, ckpt in checkpoints.items():
         if not exported_from(onnx_paths[name], ckpt):
             export_onnx(ckpt, onnx_paths[name], trust_factory=trust_factory)
@@ -98,7 +103,7 @@ def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Call
         "train": lambda: train(recipe, out.train_dir, progress=progress, resume=resume),
         "baseline": lambda: train(recipe.dense(), out.baseline_dir, progress=progress, resume=resume),
         "slim": lambda: slim_checkpoint(out.ckpt, out.slim),
-        "export": lambda: export_all(checkpoints, out.onnx),
+        "export": lambda: export_all(checkpoints, out.onnx, nir=(out.slim, out.nir) if recipe.export.nir else None),
         "bench": lambda: bench_models({k: (p, out.onnx[k]) for k, p in checkpoints.items()}, out.root),
     }
     for stage in STAGES:

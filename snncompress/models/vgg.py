@@ -1,4 +1,4 @@
-"""Spiking VGG: [Conv -> BN -> spiking neuron] blocks with max-pooling, then a linear readout."""
+"""Spiking VGG: [Conv -> BN -> spiking neuron] blocks with 2x2 pooling (max or average), then a linear readout."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from spikingjelly.activation_based import functional, layer
 from .neuron import make_neuron
 from ..registry import register_model
 
+POOLS = ("max", "avg")  # "avg": what NIR and neuromorphic chips accept (they have no max pooling)
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
@@ -32,13 +33,15 @@ class SpikingVGG(nn.Module):
     """Input ``[T, B, C, H, W]``; output logits ``[B, classes]`` (the readout averaged over T)."""
 
     def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None,
-                 width: float = 1.0, readout_pool: int = 1):
+                 width: float = 1.0, readout_pool: int = 1, pool: str = "max"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
         blocks, c, n_conv, n_pool = OrderedDict(), in_channels, 0, 0
         for v in layers:
             if v == "M":
                 n_pool += 1
-                blocks[f"pool{n_pool}"] = layer.MaxPool2d(2, 2)
+                blocks[f"pool{n_pool}"] = layer.MaxPool2d(2, 2) if pool == "max" else layer.AvgPool2d(2, 2)
             else:
                 n_conv += 1
                 blocks[f"conv{n_conv}"] = conv_block(c, scaled(int(v), width), neuron or {})
@@ -59,13 +62,14 @@ class SpikingVGG(nn.Module):
 
 @register_model("vgg")
 def vgg(in_channels: int, num_classes: int, layers: Sequence[int | str] = (64, 128, "M", 256, "M", 256),
-        neuron: dict | None = None, width: float = 1.0, readout_pool: int = 1) -> SpikingVGG:
-    """Spiking VGG with configurable widths (``"M"`` = 2x2 max-pool), each scaled by ``width``;
-    the readout averages the last feature map to ``readout_pool`` x ``readout_pool``."""
-    return SpikingVGG(in_channels, num_classes, layers, neuron, width, readout_pool)
+        neuron: dict | None = None, width: float = 1.0, readout_pool: int = 1, pool: str = "max") -> SpikingVGG:
+    """Spiking VGG with configurable widths (``"M"`` = 2x2 pool, ``pool``: max or avg), each scaled by
+    ``width``; the readout averages the last feature map to ``readout_pool`` x ``readout_pool``."""
+    return SpikingVGG(in_channels, num_classes, layers, neuron, width, readout_pool, pool)
 
 
 @register_model("vgg16")
-def vgg16(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingVGG:
-    """VGG-16's 13 convs (five 2x2 max-pools: inputs need H, W >= 32)."""
-    return SpikingVGG(in_channels, num_classes, VGG16, neuron, width)
+def vgg16(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0,
+          pool: str = "max") -> SpikingVGG:
+    """VGG-16's 13 convs (five 2x2 pools, max or avg: inputs need H, W >= 32)."""
+    return SpikingVGG(in_channels, num_classes, VGG16, neuron, width, pool=pool)

@@ -25,6 +25,7 @@ from ..errors import SnnCompressError
 from ..evaluation import evaluate
 from ..layout import RunLayout
 from ..metrics import PJ_PER_AC, PJ_PER_MAC, count_macs, count_params, spike_stats, weight_counts
+from ..neuromorphic import nir_exported_from
 from ..prune.gates import kept_fraction
 
 BATCHES = (1, 32)
@@ -102,6 +103,17 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
     }
 
 
+def nir_figures(path: Path, slim: dict) -> dict:
+    """What bench reports for the NIR file of the slim model: the same network (same spikes: the export verified
+    it), so the slim model's SOPs, energy and firing; its nodes and neurons as the file holds them."""
+    from ..neuromorphic import neuron_count, node_counts, read_nir
+
+    graph = read_nir(path)
+    return {"path": str(path), "same_network_as": "slim", "bytes": path.stat().st_size, "nodes": node_counts(graph),
+            "neurons": neuron_count(graph), "neurons_slim": slim.get("neurons"),
+            **{k: slim[k] for k in ("sops", "sops_effective", "firing_rate", "energy_uj") if k in slim}}
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -136,10 +148,12 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
         "models": measured,
         "speedup": speedup,
     }
+    layout = RunLayout(out_dir)
+    if "slim" in models and nir_exported_from(layout.nir, Path(models["slim"][0])):
+        report["nir"] = nir_figures(layout.nir, measured["slim"])
     from ..plots import write_plots  # matplotlib is slow to import; only the report needs it
 
     report["plots"] = write_plots(report, out_dir)
-    layout = RunLayout(out_dir)
     write_json(report, layout.bench)
     write_text(render_markdown(report), layout.report)
     return report
@@ -178,6 +192,9 @@ def render_markdown(report: dict) -> str:
         f"onnxruntime {m['onnxruntime']} ({s['execution_provider']}, {s['graph_optimization']}), "
         f"{s['threads']} intra-op threads, {s['warmup']} warm-up + {s['repeats']} timed runs per batch size.",
         *(f"![{name}]({file})" for name, file in report.get("plots", {}).items()), "",
+        *([f"NIR file `{Path(report['nir']['path']).name}`: the slim network (same spikes, so the slim column's SOPs "
+           f"and energy), {report['nir']['neurons']:,} neurons, nodes: "
+           + ", ".join(f"{v} {k}" for k, v in report["nir"]["nodes"].items()) + ".", ""] if "nir" in report else []),
         f"Energy estimate: {s['pj_per_mac']} pJ per MAC on non-spike inputs + {s['pj_per_ac']} pJ per SOP "
         "(45 nm, Horowitz ISSCC 2014). SOPs and MACs are per inference over all T steps, averaged over the test set "
         "(spikingjelly op_counter). `dense` is the trained model with its masks applied but all channels present; "

@@ -1,4 +1,5 @@
-"""The export stage: unroll the T time steps into a static ONNX graph, simplify, verify with onnxruntime."""
+"""The export stage: unroll the T time steps into a static ONNX graph, simplify, verify with onnxruntime; or
+lay the network out as a NIR graph for neuromorphic hardware, verified by reading the file back."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +156,86 @@ def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndar
     return proto, got, diff
 
 
+
+
+@dataclass
+class NirExportResult:
+    path: Path
+    n_samples: int
+    max_abs_diff: float  # spikingjelly's simulation of the file read back vs the exported PyTorch network
+    nodes: dict[str, int]  # NIR nodes per type
+    neurons: int
+    bytes: int
+    fold_max_abs_diff: float  # the exported network (BatchNorm and gates folded) vs the model as trained
+    fold_agreement: float  # share of test predictions the fold left unchanged
+    fold_float64_exact: bool | None  # where float32 rounding flipped a spike: the fold re-checked in float64
+    seconds: dict[str, float]  # export, verification
+
+
+def export_nir(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
+               trust_factory: bool = False) -> NirExportResult:
+    """Export a dense or slim checkpoint to NIR (neuromorphic hardware) and verify the file on the test set.
+
+    The network is laid out for NIR (:func:`snncompress.neuromorphic.nir_body`: BatchNorm folded into the
+    convs, closed gates folded into zero weights, average pools as sum pools), exported with spikingjelly's
+    exporter, written, read back with ``nir.read`` and simulated with spikingjelly's importer with the
+    checkpoint's encoding and T. The simulation must give the exported network's predictions and max
+    |Δlogit| ≤ 1e-4, else :class:`VerificationError` naming the first layer that disagrees and nothing is
+    written. The fold itself is checked against the model as trained (in float64 where float32 rounding flips
+    a spike at the threshold, as the slim stage does). What NIR cannot express is refused up front, in one line.
+    """
+    from ..neuromorphic import (Simulator, body_logits, first_disagreeing_layer, neuron_count, nir_body,
+                                nir_metadata, node_counts, read_nir, simulate, to_nir_graph)
+
+    t0 = time.perf_counter()
+    ckpt_path = Path(ckpt_path)
+    out_path = Path(out_path) if out_path else ckpt_path.with_suffix(".nir")
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
+    meta = ckpt["data"]
+    T, enc = meta["T"], meta["encoding"]
+    example = torch.zeros(2, *meta["input_shape"])  # one time step, whatever the encoding
+    body = nir_body(model, example)  # refuses what NIR cannot express before the data is loaded
+    recipe = recipe_of(ckpt)
+    data = load_dataset(recipe.data, recipe.seed)
+    trained = evaluate(model, data.x_test, data.y_test, T, enc)[2].numpy()
+    reference = body_logits(body, data.x_test, T, enc)
+    fold_diff = float(np.abs(reference - trained).max())
+    fold_agreement = float((reference.argmax(1) == trained.argmax(1)).mean())
+    fold64 = None
+    if fold_agreement < 1 or fold_diff > TOLERANCE:  # as the slim stage: float64 tells rounding from a wrong fold
+        m64 = copy.deepcopy(model).double()
+        x64 = data.x_test.double()
+        b64 = body_logits(nir_body(m64, example.double()), x64, T, enc)
+        t64 = evaluate(m64, x64, data.y_test, T, enc)[2].numpy()
+        fold64 = bool((b64.argmax(1) == t64.argmax(1)).all() and np.abs(b64 - t64).max() <= TOLERANCE)
+        if not fold64:
+            raise VerificationError(f"{ckpt_path}: folding BatchNorm and gates for NIR changed the network (max "
+                                    f"|Δlogit| {fold_diff:.3g}, {fold_agreement:.2%} of predictions unchanged, also "
+                                    "in float64); nothing written")
+    extra = {"snncompress_version": __version__, "source_checkpoint": ckpt_path.name,
+             "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": "True",
+             "pooling": "average pools as SumPool2d, their 1/(kh*kw) folded into the next layer's weights",
+             "neuron_mapping": "spikingjelly's mapping: LIF tau = tau_steps * dt, r = 1, v_leak = v_reset; IF r = 1 / dt"}
+    graph = to_nir_graph(body, example, nir_metadata(meta, extra))
+    t_export = time.perf_counter() - t0
+    with atomic_path(out_path) as tmp:
+        import nir
+
+        nir.write(tmp, graph)
+        t1 = time.perf_counter()
+        sim = Simulator(read_nir(tmp))
+        got = simulate(sim, data.x_test, T, enc)
+        diff = float(np.abs(got - reference).max())
+        same = bool((got.argmax(1) == reference.argmax(1)).all())
+        if not same or diff > TOLERANCE:
+            first = next(eval_batches(data.x_test, T, enc))
+            layer = first_disagreeing_layer(body, sim, to_steps(first, T, enc), TOLERANCE)
+            raise VerificationError(f"the NIR file read back and simulated by spikingjelly disagrees with PyTorch "
+                                    f"(max |Δlogit| {diff:.3g}, same predictions: {same}); first differing layer: "
+                                    f"{layer}; nothing written")
+        size = tmp.stat().st_size
+        graph_back = read_nir(tmp)
+    return NirExportResult(out_path, len(got), diff, node_counts(graph_back), neuron_count(graph_back), size,
+                           fold_diff, fold_agreement, fold64,
+                           {"export": t_export, "verification": time.perf_counter() - t1})
