@@ -76,6 +76,9 @@ SLOW = {
     "test_unstructured_methods_agree_on_weight_masks_across_processes", "test_two_processes_reach_single_process_accuracy",
     "test_run_resume_skips_finished_stages_and_redoes_unfinished", "test_slim_checkpoints_load_without_torch_pruning",
     "test_step_unrolled_graph_has_no_per_layer_split_and_the_same_logits",
+    "test_tutorial_style_multi_step_only_model_runs_through_every_stage",
+    "test_run_from_trained_weights_through_slim_export_and_bench",
+    "test_training_on_frames_is_the_same_with_dataloader_workers",
 }
 
 
