@@ -113,21 +113,20 @@ def starting_model(recipe: Recipe, data: Dataset) -> tuple[dict, nn.Module, torc
 
 
 def train_step(net: nn.Module, x_seq: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-               pruner: Pruner | None, autocast: torch.autocast,
-               l1_gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               pruner: Pruner | None, autocast: torch.autocast, l1_gamma: float = 0.0,
+               gammas: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step with the pruner's hooks; returns (loss, correct predictions) as device tensors.
 
-    The loss minimised adds the method's penalty and ``l1_gamma`` times the L1 norm of every BatchNorm's
-    gamma (``train.l1_gamma``). Nothing here reads a value back to the host, so a GPU is never made to
-    wait inside the step.
+    The loss minimised adds the method's penalty and ``l1_gamma`` times the L1 norm of ``gammas`` (the
+    BatchNorm scales, ``train.l1_gamma``). Nothing here reads a value back to the host, so a GPU is never
+    made to wait inside the step.
     """
     with autocast:
         out = net(x_seq)
         loss = F.cross_entropy(out.float(), y)
     total = loss + pruner.penalty() if pruner else loss
     if l1_gamma:
-        total = total + l1_gamma * sum(m.weight.abs().sum() for m in net.modules()
-                                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None)
+        total = total + l1_gamma * sum(g.abs().sum() for g in gammas)
     opt.zero_grad(set_to_none=True)
     total.backward()
     if pruner:
@@ -187,6 +186,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
                         generator=torch.Generator().manual_seed(recipe.seed), num_workers=recipe.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0)
     augment = recipe.data.augments and enc != "frames"
+    # the BatchNorm scales that train.l1_gamma penalises, found once rather than at every step
+    gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     # bf16 autocast on GPUs; CPU training stays fp32 (bitwise-deterministic runs and resumes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -222,7 +223,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 if augment:
                     xb = random_crop_flip(xb)
-                loss, hits = train_step(net, encode(xb, T, enc), yb, opt, pruner, autocast, recipe.train.l1_gamma)
+                loss, hits = train_step(net, encode(xb, T, enc), yb, opt, pruner, autocast, recipe.train.l1_gamma,
+                                        gammas)
                 functional.reset_net(model)
                 loss_sum += loss.detach() * len(yb)
                 correct += hits
