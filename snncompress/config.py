@@ -53,6 +53,12 @@ def _non_negative(v: float) -> float:
     return v
 
 
+def _round_to(v: Any) -> int | str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    raise ValueError("must be a positive int (channels per block) or 'auto' (the runtime's block on this CPU)")
+
+
 def _layer_entry(v: Any) -> int | str:
     if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         return v
@@ -189,7 +195,7 @@ class TrainCfg(_Strict):
 
 # fields that mean something for one method only: setting one for another method is an error
 METHOD_ONLY = {"weight_regrow": ("criticality_unstructured",), "scope": ("pq",), "er_init": ("pq",)}
-STRUCTURED_ONLY = ("keep", "regrow", "budget", "round_to")  # channel budgets; unstructured methods set sparsity
+STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to")  # channel budgets; unstructured methods set sparsity
 
 
 def method_family(method: str) -> str | None:
@@ -207,7 +213,10 @@ class PruneCfg(_Strict):
     """
 
     method: str = "sca"
-    keep: Fraction = 0.3  # structured: target fraction of conv channels kept
+    keep: Fraction = 0.3  # structured: target fraction kept, of the unit `budget_unit` names
+    # what `keep` is a fraction of: conv channels, the dense model's MACs, its SOPs (as measured on training
+    # batches) or its latency on deploy.runtime (a per-layer table measured once); docs/methods.md, "Budget units"
+    budget_unit: Literal["channels", "macs", "sops", "latency"] = "channels"
     regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
     sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed
     weight_regrow: FractionOpen = 0.5  # criticality_unstructured: share r of the kept weights chosen by criticality
@@ -218,7 +227,9 @@ class PruneCfg(_Strict):
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
     update_every: PositiveInt = 1  # epochs between mask updates
     min_channels: PositiveInt = 2  # never fewer channels in a group (unstructured: non-empty filters per layer)
-    round_to: PositiveInt = 1  # round each group's kept channels up to a multiple (8 or 16 suit SIMD units)
+    # round each group's kept channels up to a multiple (8 or 16 suit SIMD units); auto: the channel block of
+    # deploy.runtime on this CPU (docs/methods.md, "Channel blocks")
+    round_to: Annotated[int | str, PlainValidator(_round_to)] = 1
     budget: Literal["global", "pq"] = "global"  # one global ranking, or per-group budgets from the PQ index
     l1_gamma: NonNegative = 1e-4  # criticality: weight of the L1 penalty on BN gamma in the loss
     pq_p: Positive = 0.5  # budget pq / method pq: PQ index norms, 0 < pq_p < pq_q (Diao et al.: 0.5, 1)
@@ -272,6 +283,17 @@ class PruneCfg(_Strict):
         return self
 
 
+RUNTIMES = ("onnxruntime", "openvino")  # CPU runtimes an exported model is timed on (openvino: an optional extra)
+
+
+class DeployCfg(_Strict):
+    """Where the compressed model runs: what latency budgets are measured on and what `run` benches."""
+
+    runtime: Literal[RUNTIMES] = "onnxruntime"  # openvino needs: pip install 'snncompress[openvino]'
+    batch_size: PositiveInt = 32  # the batch a latency budget is measured at
+    threads: PositiveInt | None = None  # intra-op threads; null: every core this process may use
+
+
 class ExportCfg(_Strict):
     """What ``run`` exports besides the ONNX files it benches."""
 
@@ -287,6 +309,7 @@ class Recipe(_Strict):
     prune: PruneCfg | None = PruneCfg()
     baseline: bool = False  # `run` also trains the same recipe without pruning
     export: ExportCfg = ExportCfg()
+    deploy: DeployCfg = DeployCfg()
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "Recipe":
