@@ -210,6 +210,18 @@ def gather_text(text: str) -> list[str]:
     return [bytes(t[1:1 + int(t[0])].tolist()).decode() for t in out]
 
 
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank (any length; plain bytes, nothing unpickled)."""
+    if not is_distributed():
+        return text
+    raw = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    n = torch.tensor([raw.numel()], dtype=torch.long)
+    dist.broadcast(n, 0)
+    buf = raw if rank() == 0 else torch.empty(int(n), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return bytes(buf.tolist()).decode()
+
+
 def check_agree(text: str, what: str, hint: str = "") -> None:
     """Raise the same :class:`SnnCompressError` on every rank unless all ranks hold the same ``text``."""
     texts = gather_text(text)

@@ -57,6 +57,7 @@ class ChannelGroup:
     convs: list[str]
     bns: list[str] = field(default_factory=list)
     gates: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)  # convs / linears whose input channels these are
 
 
 def _gate_input(module: BaseNode, args: tuple) -> tuple:

@@ -75,10 +75,11 @@ def groups_of_graph(model: nn.Module, dg: tp.DependencyGraph) -> list[ChannelGro
         if not isinstance(module, nn.Conv2d) or name in seen or module in classifier:
             continue
         group = dg.get_pruning_group(module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
-        members: dict[str, list[str]] = {"convs": [], "bns": [], "gates": []}
+        members: dict[str, list[str]] = {"convs": [], "bns": [], "gates": [], "consumers": []}
         for dep, _ in group:
             target = dep.target.module
             kind = ("convs" if isinstance(target, nn.Conv2d) and dep.handler == tp.prune_conv_out_channels
+                    else "consumers" if dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
                     else "bns" if isinstance(target, nn.modules.batchnorm._BatchNorm)
                     else "gates" if isinstance(target, ChannelGate) else None)
             if kind and names[target] not in members[kind]:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..config import PruneCfg
 from ..errors import SnnCompressError
 from ..registry import METHODS, import_code
+from .cost import CostModel
 from .gates import ChannelGroup
 from .scorer import Scorer
 from .structured import ChannelPruner
@@ -81,14 +82,19 @@ def resolve_method(method: str, trust: bool = False) -> type:
 
 
 def build_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
-                 optimizer: torch.optim.Optimizer | None = None, trust: bool = False) -> Pruner:
-    """The training-time pruner of ``cfg.method`` on a gated model."""
+                 optimizer: torch.optim.Optimizer | None = None, trust: bool = False,
+                 cost: CostModel | None = None) -> Pruner:
+    """The training-time pruner of ``cfg.method`` on a gated model (``cost``: of ``prune.budget_unit``,
+    :func:`~snncompress.prune.cost.build_cost`)."""
     cls = resolve_method(cfg.method, trust)
     if isinstance(cls, type) and issubclass(cls, Scorer):
         if cfg.sparsity is not None:
             raise SnnCompressError(f"prune.sparsity: method {cfg.method} is structured (a Scorer): set keep, not "
                                    "sparsity")
-        return ChannelPruner(model, groups, cfg, epochs, seed, cls)
+        return ChannelPruner(model, groups, cfg, epochs, seed, cls, cost)
+    if cost is not None:
+        raise SnnCompressError(f"prune.budget_unit {cfg.budget_unit}: method {cfg.method} selects its own masks; "
+                               "budgets in MACs, SOPs or latency need a Scorer (e.g. sca, criticality, random)")
     if isinstance(cls, type) and all(hasattr(cls, m) for m in ("begin_epoch", "end_epoch", "after_backward", "masks")):
         return cls(model, groups, cfg, epochs, seed, optimizer)
     raise SnnCompressError(f"prune.method {cfg.method!r}: not a Scorer subclass or a Pruner class "

@@ -74,16 +74,11 @@ def pq_budgets(
     scores are concentrated on few channels (high PQ index) thus keeps a smaller share than one with flat scores.
     """
     names = list(scores)
-    sizes = [scores[n].numel() for n in names]
-    lo = [min(min_channels, d) for d in sizes]
-    open_scores = [scores[n].flatten()[masks[n]] if masks is not None else scores[n].flatten() for n in names]
-    ratios = [pq_prune_ratio(pq_index(s, p, q), s.numel(), p, q, eta, gamma, beta) for s in open_scores]
-    # ceil with a tolerance: a 2-sparse flat vector has ratio 0.5 in exact arithmetic, 0.4999999999999999 in floats
-    raw = [max(m, math.ceil((1 - r) * s.numel() - 1e-9)) for r, s, m in zip(ratios, open_scores, lo)]
+    sizes, lo, raw = pq_raw_budgets(scores, min_channels, p, q, eta, gamma, beta, masks)
     k = min(sum(sizes), max(sum(lo), round(keep_fraction * sum(sizes))))
 
     def shares(c: float) -> list[float]:
-        return [min(d, max(m, c * b)) for d, m, b in zip(sizes, lo, raw)]
+        return pq_shares(c, sizes, lo, raw)
 
     c_lo, c_hi = 0.0, max(d / b for d, b in zip(sizes, raw))  # sum(shares(c_hi)) = sum d >= k
     for _ in range(100):
@@ -97,6 +92,23 @@ def pq_budgets(
             if sum(out) < k and out[i] < sizes[i]:
                 out[i] += 1
     return dict(zip(names, out))
+
+
+def pq_raw_budgets(scores: dict[str, torch.Tensor], min_channels: int, p: float, q: float, eta: float, gamma: float,
+                   beta: float, masks: dict[str, torch.Tensor] | None) -> tuple[list[int], list[int], list[int]]:
+    """``(d_l, m_l, b_l)`` per group of :func:`pq_budgets`: sizes, floors and raw PQ budgets."""
+    sizes = [s.numel() for s in scores.values()]
+    lo = [min(min_channels, d) for d in sizes]
+    open_scores = [s.flatten()[masks[n]] if masks is not None else s.flatten() for n, s in scores.items()]
+    ratios = [pq_prune_ratio(pq_index(s, p, q), s.numel(), p, q, eta, gamma, beta) for s in open_scores]
+    # ceil with a tolerance: a 2-sparse flat vector has ratio 0.5 in exact arithmetic, 0.4999999999999999 in floats
+    raw = [max(m, math.ceil((1 - r) * s.numel() - 1e-9)) for r, s, m in zip(ratios, open_scores, lo)]
+    return sizes, lo, raw
+
+
+def pq_shares(c: float, sizes: list[int], lo: list[int], raw: list[int]) -> list[float]:
+    """Real-valued channels per group at scale ``c``: ``clamp(c * b_l, m_l, d_l)``."""
+    return [min(d, max(m, c * b)) for d, m, b in zip(sizes, lo, raw)]
 
 
 def select_masks_budgeted(

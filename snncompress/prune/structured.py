@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from ..config import PruneCfg
+from .cost import CostModel, resolve_round_to
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
 from .schedule import is_scoring_epoch, is_update_epoch, keep_fraction_at
 from .scorer import Scorer, model_device
-from .select import pq_budgets, round_masks, select_masks, select_masks_budgeted
+from .select import pq_budgets, pq_raw_budgets, pq_shares, round_masks, select_masks, select_masks_budgeted
 
 
 class ChannelPruner:
@@ -23,11 +24,19 @@ class ChannelPruner:
     those epochs) and clears the gate gradients; :meth:`after_step` restores the frozen weights of closed channels, so a
     regenerated channel resumes where it left off; :meth:`end_epoch` recomputes the masks when the
     schedule says so; :meth:`penalty` is the method's term of the training loss.
+
+    With a ``cost`` model (``prune.budget_unit`` macs, sops or latency) ``keep`` is the kept fraction of the
+    dense model's cost in that unit, and the selection keeps the best channels that fit it.
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int,
-                 scorer: type[Scorer]):
+                 scorer: type[Scorer], cost: CostModel | None = None):
         self.model, self.groups, self.cfg, self.epochs = model, groups, cfg, epochs
+        self.round_to = resolve_round_to(cfg.round_to)
+        self.cost = cost
+        if cost is not None:
+            cost.round_to = self.round_to
+            cost.attach(model)
         self.scorer = scorer(model, groups, cfg, seed)
         self._gates = gate_modules(model)
         device = model_device(model)
@@ -52,6 +61,8 @@ class ChannelPruner:
     def begin_epoch(self, epoch: int) -> None:
         self._scoring = is_scoring_epoch(self.cfg, self.epochs, epoch)
         self.scorer.activate(self._scoring)
+        if self.cost is not None:
+            self.cost.activate(self._scoring)
 
     def after_backward(self) -> None:
         for g in self.groups:
@@ -69,7 +80,7 @@ class ChannelPruner:
 
     def statistics(self) -> list[torch.Tensor]:
         # the regrowth sums need no reduction: DDP already averaged the gate gradients behind them
-        return self.scorer.statistics()
+        return self.scorer.statistics() + (self.cost.statistics() if self.cost is not None else [])
 
     def end_epoch(self, epoch: int, reduce: Callable[[list[torch.Tensor]], None] | None = None) -> dict | None:
         """Recompute masks if this epoch ends an update window; return the history entry."""
@@ -81,14 +92,7 @@ class ChannelPruner:
             reduce(self.statistics())
         scores, grow = self.scorer.scores(), self.scorer.regrowth_scores()
         grow = {n: r.cpu() for n, r in self._regrowth.items()} if grow is None else grow
-        c = self.cfg
-        if c.budget == "pq":
-            budgets = pq_budgets(scores, keep, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
-            new = select_masks_budgeted(scores, grow, budgets, c.regrow / c.keep, c.min_channels)
-        else:
-            new = select_masks(scores, grow, keep, c.regrow * keep / c.keep, c.min_channels)
-        if c.round_to > 1:
-            new = round_masks(new, scores, c.round_to)
+        new, budget = self._select(keep, scores, grow, old)
         set_masks(self.model, self.groups, new)
         self._freeze_closed(new)
         self.scorer.reset()
@@ -97,6 +101,7 @@ class ChannelPruner:
         entry = {
             "epoch": epoch,
             "keep_target": keep,
+            **({"budget": budget} if budget else {}),
             "kept": {n: int(m.sum()) for n, m in new.items()},
             "pruned": sum(int((old[n] & ~new[n]).sum()) for n in new),
             "regrown": sum(int((~old[n] & new[n]).sum()) for n in new),
@@ -104,6 +109,39 @@ class ChannelPruner:
         }
         self.history.append(entry)
         return entry
+
+    def _select(self, keep: float, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor],
+                old: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """New masks at the schedule's ``keep``, and what the budget was in its unit (None for channels)."""
+        c, cost = self.cfg, self.cost
+        share = c.regrow / c.keep  # the regrowth part of what is kept, the same at every step of the ramp
+        if cost is None:
+            if c.budget == "pq":
+                budgets = pq_budgets(scores, keep, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
+                new = select_masks_budgeted(scores, grow, budgets, share, c.min_channels)
+            else:
+                new = select_masks(scores, grow, keep, c.regrow * keep / c.keep, c.min_channels)
+            return (round_masks(new, scores, self.round_to) if self.round_to > 1 else new), None
+        cost.absorb(old)
+        target = keep * cost.dense
+        if c.budget == "pq":
+            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
+            names = list(scores)
+
+            def counts_at(scale: float) -> dict[str, int]:
+                return {n: int(x + 1e-9) for n, x in zip(names, pq_shares(scale, sizes, lo, raw))}
+
+            def pick(counts: dict[str, int]) -> dict[str, torch.Tensor]:
+                return select_masks_budgeted(scores, grow, counts, share, c.min_channels)
+
+            new = cost.select_counts(counts_at, target, pick)
+        else:
+            new = cost.select(scores, grow, target, share, c.min_channels)
+        selected = cost.cost(new)  # rounding up below adds what this already counts
+        if self.round_to > 1:
+            new = round_masks(new, scores, self.round_to)
+        return new, {"unit": c.budget_unit, "dense": cost.dense, "target": target, "selected": selected,
+                     "round_to": self.round_to}
 
     def agreement(self) -> dict[str, torch.Tensor]:
         return self.masks
@@ -135,7 +173,8 @@ class ChannelPruner:
 
     def state_dict(self) -> dict:
         """Accumulated scores of the current update window (masks and history live in the checkpoint)."""
-        return {"scorer": self.scorer.state_dict(), "regrowth": {n: r.cpu().clone() for n, r in self._regrowth.items()}}
+        return {"scorer": self.scorer.state_dict(), "regrowth": {n: r.cpu().clone() for n, r in self._regrowth.items()},
+                "cost": self.cost.state_dict() if self.cost is not None else None}
 
     def load_state_dict(self, state: dict, masks: dict[str, torch.Tensor], history: list[dict]) -> None:
         # the frozen snapshots are re-taken from the loaded weights: closed channels never moved
@@ -144,6 +183,10 @@ class ChannelPruner:
         self.scorer.load_state_dict(state["scorer"])
         for n, r in state["regrowth"].items():
             self._regrowth[n].copy_(r)
+        if self.cost is not None and state.get("cost") is not None:
+            self.cost.load_state_dict(state["cost"])
 
     def remove(self) -> None:
         self.scorer.remove()
+        if self.cost is not None:
+            self.cost.remove()

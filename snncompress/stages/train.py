@@ -32,6 +32,7 @@ from ..evaluation import evaluate
 from ..layout import BEST, CKPT, METRICS
 from ..prune.gates import get_masks
 from ..prune.groups import channel_groups
+from ..prune.cost import CostModel, build_cost
 from ..prune.pruner import Pruner, build_pruner
 from ..registry import is_code_string, trust_code
 
@@ -162,6 +163,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a recipe whose weights do not fit writes nothing
     T, enc = recipe.data.T, recipe.data.encoding
     groups = channel_groups(model, example)
+    cost = build_cost(model, groups, example, recipe.prune.budget_unit, T) if recipe.prune else None
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
     opt = make_optimizer(model, recipe.train)
@@ -170,7 +172,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
         if is_code_string(recipe.prune.method):  # the user's own recipe names it: trusted, as a model factory
             trust_code(recipe.prune.method)
         # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
-        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt)
+        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt, cost=cost)
     # the statistics a pruner gathers per process (summed over processes under torchrun)
     statistics = pruner.statistics if pruner is not None else list
     epochs = recipe.train.epochs
@@ -201,6 +203,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     if multi:
         distributed.check_agree(str(start), "the epoch to start from",
                                 "every rank must see the same OUT/ckpt.pt (across nodes: a shared filesystem)")
+    if cost is not None and cost.needs_table:  # a resume reads the table from the checkpoint: same masks
+        _measure_latency(cost, model, data.x_train, recipe, progress and main)
     net = distributed.wrap(model, device)  # after the resume: rank 0's state goes to every rank
     base = {"format": CKPT_FORMAT, "version": __version__, "recipe": recipe.model_dump(mode="json"),
             "model": spec, "data": data.meta(recipe.data), "weights": weights}
@@ -279,6 +283,19 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
         save_torch(load_checkpoint(ckpt_path), best_path)
     distributed.barrier()  # every rank returns once rank 0's files are complete
     return TrainResult(out_dir, ckpt_path, best_path, metrics)
+
+
+def _measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, recipe: Recipe, show: bool) -> None:
+    """Latency tables of the layers on ``deploy.runtime``, measured by rank 0 alone (two processes timing at
+    once would disturb each other) and sent to every rank, so all select the same masks."""
+    from ..latency import measure_latency, tables_from_text, tables_to_text
+
+    text = ""
+    if distributed.is_main():
+        with torch.no_grad():
+            tables, dense_ms = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show)
+        text = tables_to_text(tables, dense_ms)
+    cost.set_latency(*tables_from_text(distributed.broadcast_text(text)))
 
 
 def _train_state(opt, sched, gen: torch.Generator, pruner: Pruner | None, best_acc: float) -> dict:

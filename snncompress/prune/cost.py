@@ -1,0 +1,447 @@
+"""What a channel costs in the unit of a budget (MACs, SOPs or latency), and the selection that keeps the
+best-scoring channels under such a budget (docs/methods.md, "Budget units").
+
+Every conv and linear layer ``l`` costs ``f_l(a, b)``: ``b`` is how many of its output channels are kept
+(fixed for the classifier), ``a`` the kept part of its input channels (fixed for the image), each input
+channel ``i`` weighted by ``w_l[i]``:
+
+- ``macs``: ``f = macs_l * a/n_in * b/n_out`` with ``w = 1``: exact, MACs are bilinear in the two counts.
+- ``sops``: ``f = a * b`` with ``w_l[i]`` the synaptic operations per inference that input channel ``i``
+  makes on one output channel (its spikes times their border-aware fan-out, as spikingjelly's
+  SynOpCounter counts them), measured on the training batches of each update window.
+- ``latency``: ``f = T * table_l(a, b)``, a per-layer table measured on the deployment runtime
+  (``snncompress.latency``), plus the rest of the network as a fixed overhead.
+
+A channel's marginal cost is then the change of its own layers' ``f`` (its conv's output) plus that of the
+layers it feeds (their input): Torch-Pruning's dependency graph says which (``ChannelGroup.consumers``).
+The selection is hand-written: Torch-Pruning ranks and prunes by importance but has no budget in MACs,
+spikes or measured latency, and no SNN library does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import SnnCompressError
+from .gates import ChannelGroup
+from .scorer import model_device
+from .select import top_k
+
+COST_UNITS = ("macs", "sops", "latency")
+
+
+def channel_block() -> int:
+    """Output channels per SIMD block of onnxruntime's and OpenVINO's blocked conv layouts on this CPU:
+    16 with AVX-512, 8 with AVX2 (NCHWc / nChw8c), 1 elsewhere (no blocked layout to fill).
+
+    Detected from the instruction set PyTorch dispatches to on this machine (``torch.backends.cpu``),
+    which both runtimes choose their blocks by as well.
+    """
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return 16 if cap.startswith("AVX512") else 8 if cap.startswith("AVX2") else 1
+
+
+def resolve_round_to(round_to: int | str) -> int:
+    """``prune.round_to`` as a number of channels (``auto``: :func:`channel_block`)."""
+    return channel_block() if round_to == "auto" else int(round_to)
+
+
+def ceil_to(n: int, block: int, cap: int) -> int:
+    return min(cap, -(-n // block) * block) if n else 0
+
+
+@dataclass
+class Layer:
+    """A conv or linear layer as the cost model sees it (sizes of one inference: batch 1, all T steps)."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    in_group: str | None  # the channel group its input channels belong to (None: never pruned, e.g. the image)
+    out_group: str | None  # the group of its output channels (None: never pruned, e.g. the classifier)
+    n_in: int  # input channels (a linear layer after a flatten: the channels of its input, not the features)
+    n_out: int
+    macs: int  # dense MACs of one inference, as torch's FlopCounterMode counts them
+    in_shape: tuple[int, ...]  # one sample's input in one step: (C, H, W) or (features,)
+    conv: tuple = ()  # (kernel, stride, padding, dilation) of a conv
+
+
+def model_layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup]) -> list[Layer]:
+    """Every conv and linear layer of a multi-step ``model`` with its groups and dense MACs (one forward, batch 1)."""
+    out_group = {c: g.name for g in groups for c in g.convs}
+    in_group = {c: g.name for g in groups for c in g.consumers}
+    sizes = {g.name: g.size for g in groups}
+    seen: dict[str, Layer] = {}
+
+    def hook(name):
+        def fn(module, args, out):
+            x = args[0]
+            if isinstance(module, nn.Conv2d):
+                k = module.kernel_size[0] * module.kernel_size[1] // module.groups
+                macs, shape = out.numel() * module.in_channels * k, tuple(x.shape[-3:])
+                n_in, n_out = module.in_channels, module.out_channels
+                conv = (module.kernel_size, module.stride, module.padding, module.dilation)
+            else:
+                macs, shape, conv = out.numel() * module.in_features, (module.in_features,), ()
+                n_in, n_out = sizes.get(in_group.get(name), module.in_features), module.out_features
+            if name in seen:  # a layer called again (shared) costs again
+                seen[name].macs += macs
+                return
+            seen[name] = Layer(name, "conv" if conv else "linear", in_group.get(name), out_group.get(name),
+                               n_in, n_out, macs, shape, conv)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(example[:, :1])
+    finally:
+        for h in handles:
+            h.remove()
+        from spikingjelly.activation_based import functional
+        functional.reset_net(model)
+    for layer in seen.values():
+        if layer.in_group and layer.kind == "linear" and layer.in_shape[0] % layer.n_in:
+            raise SnnCompressError(f"{layer.name}: {layer.in_shape[0]} input features are not a whole number of "
+                                   f"channels of {layer.in_group} ({layer.n_in}); budgets in MACs, SOPs or latency "
+                                   "need a flatten of whole channels")
+    return list(seen.values())
+
+
+class LatencyTable:
+    """Milliseconds of one layer in one time step, measured at a grid of (input, output) channel counts.
+
+    Runtimes compute whole channel blocks, so a count is first rounded up to the block it was measured
+    with; between grid points the time is interpolated bilinearly.
+    """
+
+    def __init__(self, grid_in: list[int], grid_out: list[int], ms: list[list[float]], block: int):
+        self.grid_in, self.grid_out, self.ms, self.block = grid_in, grid_out, ms, block
+
+    def __call__(self, a: float, b: float) -> float:
+        if a <= 0 or b <= 0:
+            return 0.0
+        i, wi = self._locate(self.grid_in, a)
+        j, wj = self._locate(self.grid_out, b)
+        m = self.ms
+        return ((1 - wi) * ((1 - wj) * m[i][j] + wj * m[i][j + 1])
+                + wi * ((1 - wj) * m[i + 1][j] + wj * m[i + 1][j + 1]))
+
+    def _locate(self, grid: list[int], n: float) -> tuple[int, float]:
+        """(index, weight) of ``n`` (rounded up to the block) between two grid points."""
+        n = min(grid[-1], max(grid[0], math.ceil(n / self.block - 1e-9) * self.block))
+        if len(grid) == 1:
+            return 0, 0.0
+        k = min(len(grid) - 2, max(0, bisect.bisect_right(grid, n) - 1))
+        return k, (n - grid[k]) / (grid[k + 1] - grid[k])
+
+    def to_dict(self) -> dict:
+        return {"grid_in": self.grid_in, "grid_out": self.grid_out, "ms": self.ms, "block": self.block}
+
+
+def table_grid(size: int, block: int, points: int = 8) -> list[int]:
+    """Channel counts a latency table is measured at: block multiples, dense at small counts (where
+    rounding matters most), about geometric above, always including ``size``."""
+    grid, n = set(), max(1, block)
+    while n < size:
+        grid.add(n)
+        n = max(n + block, ceil_to(int(n * 1.6), block, size))
+    grid.add(size)
+    grid = sorted(grid)
+    while len(grid) > points:  # thin the large end, never the first points or the size
+        grid.pop(len(grid) - 2)
+    return grid
+
+
+class CostModel:
+    """Cost of channel masks in one unit (see the module docstring); owns the SOP statistics it measures."""
+
+    def __init__(self, unit: str, layers: list[Layer], groups: list[ChannelGroup], T: int, round_to: int = 1):
+        if unit not in COST_UNITS:
+            raise ValueError(f"unknown cost unit {unit!r}; allowed: {', '.join(COST_UNITS)}")
+        self.unit, self.layers, self.T, self.round_to = unit, layers, T, round_to
+        self.sizes = {g.name: g.size for g in groups}
+        # input weights per layer: 1 per channel for MACs and latency; measured SOPs for sops
+        self.weights = {lay.name: torch.ones(lay.n_in, dtype=torch.float64) for lay in layers}
+        self.touching = {g: [i for i, lay in enumerate(layers) if g in (lay.in_group, lay.out_group)]
+                         for g in self.sizes}
+        self.tables: dict[str, LatencyTable] = {}
+        self.overhead_ms = 0.0  # latency: the rest of the network (pooling, readout, layout changes)
+        self.dense = float("nan") if unit != "macs" else float(sum(lay.macs for lay in layers))
+        self._meter: SopMeter | None = None
+
+    # --- measurement -------------------------------------------------------------------------------
+
+    @property
+    def needs_table(self) -> bool:
+        return self.unit == "latency" and not self.tables
+
+    def set_latency(self, tables: dict[str, LatencyTable], dense_ms: float) -> None:
+        """Use measured per-layer tables; the overhead is what the dense network takes beyond its layers."""
+        self.tables = tables
+        self.overhead_ms = 0.0
+        self.overhead_ms = max(0.0, dense_ms - self.cost_of_counts({g: n for g, n in self.sizes.items()}))
+        self.dense = dense_ms
+
+    def attach(self, model: nn.Module) -> None:
+        """SOPs: hook the layers to count the spikes reaching them (only while :meth:`activate` is on)."""
+        if self.unit == "sops" and self._meter is None:
+            self._meter = SopMeter(model, self.layers, self.T)
+
+    def activate(self, on: bool) -> None:
+        if self._meter is not None:
+            self._meter.active = on
+
+    def statistics(self) -> list[torch.Tensor]:
+        return self._meter.tensors() if self._meter is not None else []
+
+    def absorb(self, masks: dict[str, torch.Tensor]) -> None:
+        """At an update: take the window's SOP measurements for the input channels that were open in it
+        (a closed channel fires nothing; it keeps the weight it had when last open), then reset the sums.
+        The dense reference is fixed at the first update, when every channel was open."""
+        if self._meter is None:
+            return
+        measured = self._meter.per_inference()
+        for lay in self.layers:
+            w = measured[lay.name]
+            if lay.in_group is None:
+                self.weights[lay.name] = w
+            else:
+                open_ = masks[lay.in_group]
+                self.weights[lay.name] = torch.where(open_, w, self.weights[lay.name])
+        self._meter.reset()
+        if math.isnan(self.dense):
+            self.dense = self.cost_of_counts(dict(self.sizes))
+
+    def remove(self) -> None:
+        if self._meter is not None:
+            self._meter.remove()
+            self._meter = None
+
+    # --- cost --------------------------------------------------------------------------------------
+
+    def layer_cost(self, lay: Layer, a: float, b: float) -> float:
+        if self.unit == "macs":
+            return lay.macs * (a / lay.n_in) * (b / lay.n_out)
+        if self.unit == "sops":
+            return a * b
+        return self.T * self.tables[lay.name](a, b)
+
+    def cost_of_counts(self, counts: dict[str, int]) -> float:
+        """Cost with ``counts`` channels kept per group, each input channel at its layer's mean weight."""
+        total = self.overhead_ms if self.unit == "latency" else 0.0
+        for lay in self.layers:
+            w = self.weights[lay.name]
+            a = float(w.sum()) if lay.in_group is None else float(w.mean()) * counts[lay.in_group]
+            b = lay.n_out if lay.out_group is None else counts[lay.out_group]
+            total += self.layer_cost(lay, a, b)
+        return total
+
+    def cost(self, masks: dict[str, torch.Tensor]) -> float:
+        """Cost of ``masks`` in the unit (kept counts rounded up to ``round_to`` as selection rounds them)."""
+        return _Selection(self, masks).total()
+
+    def state_dict(self) -> dict:
+        return {"weights": {n: w.clone() for n, w in self.weights.items()}, "dense": self.dense,
+                "overhead_ms": self.overhead_ms, "tables": {n: t.to_dict() for n, t in self.tables.items()},
+                "meter": self._meter.state_dict() if self._meter is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = {n: w.clone() for n, w in state["weights"].items()}
+        self.dense, self.overhead_ms = state["dense"], state["overhead_ms"]
+        self.tables = {n: LatencyTable(**t) for n, t in state["tables"].items()}
+        if self._meter is not None and state["meter"] is not None:
+            self._meter.load_state_dict(state["meter"])
+
+    # --- selection ---------------------------------------------------------------------------------
+
+    def select(self, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor], budget: float,
+               regrow_share: float, min_channels: int) -> dict[str, torch.Tensor]:
+        """Keep-masks that cost at most ``budget`` (after rounding each group up to ``round_to``).
+
+        Every group first keeps its ``min_channels`` best channels (whatever they cost); then channels are
+        taken in decreasing score, globally, each one only if its marginal cost still fits in the activity
+        share ``(1 - regrow_share)`` of the budget (a channel that does not fit is passed over, and cheaper
+        ones after it may still fit); then the regrowth signal fills the rest of the budget the same way.
+        """
+        sel = _Selection(self, {g: torch.zeros(n, dtype=torch.bool) for g, n in self.sizes.items()})
+        for g, s in scores.items():
+            for i in top_k(s.double().flatten(), min(min_channels, self.sizes[g])).tolist():
+                sel.add(g, i)
+        for signal, limit in ((scores, budget * (1 - regrow_share)), (grow, budget)):
+            for g, i in _ranked(signal, sel.masks):
+                if sel.total_if(g, i) <= limit + 1e-9 * abs(limit):
+                    sel.add(g, i)
+        return sel.masks
+
+    def select_counts(self, counts_at: Callable[[float], dict[str, int]], budget: float,
+                      pick: Callable[[dict[str, int]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The largest masks along ``counts_at(c)`` (per-group counts, non-decreasing in ``c >= 0``) that fit
+        ``budget``, by bisection on ``c``; ``pick(counts)`` turns counts into masks."""
+        def fits(c: float) -> bool:
+            return self.cost(pick(counts_at(c))) <= budget + 1e-9 * abs(budget)
+
+        lo, hi = 0.0, 1.0
+        while fits(hi) and any(n < self.sizes[g] for g, n in counts_at(hi).items()):
+            lo, hi = hi, hi * 2
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return pick(counts_at(lo))
+
+
+def _ranked(signal: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """(group, channel) of the channels not yet kept, by decreasing signal (ties: earlier group, lower index)."""
+    names = list(signal)
+    flat = torch.cat([signal[n].double().flatten().masked_fill(masks[n], -math.inf) for n in names])
+    where = [(n, i) for n in names for i in range(signal[n].numel())]
+    order = torch.sort(flat, descending=True, stable=True).indices.tolist()
+    return [where[k] for k in order if flat[k] != -math.inf]
+
+
+class _Selection:
+    """Masks under construction with their cost kept up to date layer by layer (adds are O(layers touched))."""
+
+    def __init__(self, model: CostModel, masks: dict[str, torch.Tensor]):
+        self.m, self.masks = model, {g: m.clone() for g, m in masks.items()}
+        self.counts = {g: int(m.sum()) for g, m in self.masks.items()}
+        self.wsum = [float(model.weights[lay.name][self.masks[lay.in_group]].sum()) if lay.in_group
+                     else float(model.weights[lay.name].sum()) for lay in model.layers]
+        self.costs = [self._layer(k) for k in range(len(model.layers))]
+
+    def _a(self, k: int, counts: dict[str, int], wsum: float) -> float:
+        lay = self.m.layers[k]
+        if lay.in_group is None:
+            return wsum
+        g = lay.in_group
+        n, size = counts[g], self.m.sizes[g]
+        extra = ceil_to(n, self.m.round_to, size) - n
+        if not extra:
+            return wsum
+        w = self.m.weights[lay.name]
+        # the channels rounding adds are not chosen yet: each counts at the mean weight of the closed ones
+        return wsum + extra * (float(w.sum()) - wsum) / (size - n)
+
+    def _b(self, k: int, counts: dict[str, int]) -> float:
+        lay = self.m.layers[k]
+        return lay.n_out if lay.out_group is None else ceil_to(counts[lay.out_group], self.m.round_to, lay.n_out)
+
+    def _layer(self, k: int, counts: dict[str, int] | None = None, wsum: float | None = None) -> float:
+        counts = self.counts if counts is None else counts
+        wsum = self.wsum[k] if wsum is None else wsum
+        return self.m.layer_cost(self.m.layers[k], self._a(k, counts, wsum), self._b(k, counts))
+
+    def total(self) -> float:
+        return sum(self.costs) + (self.m.overhead_ms if self.m.unit == "latency" else 0.0)
+
+    def _changes(self, g: str, i: int) -> list[tuple[int, float, float]]:
+        counts = {**self.counts, g: self.counts[g] + 1}
+        out = []
+        for k in self.m.touching[g]:
+            lay = self.m.layers[k]
+            wsum = self.wsum[k] + (float(self.m.weights[lay.name][i]) if lay.in_group == g else 0.0)
+            out.append((k, wsum, self._layer(k, counts, wsum)))
+        return out
+
+    def total_if(self, g: str, i: int) -> float:
+        changes = self._changes(g, i)
+        return self.total() + sum(c - self.costs[k] for k, _, c in changes)
+
+    def add(self, g: str, i: int) -> None:
+        for k, wsum, c in self._changes(g, i):
+            self.wsum[k], self.costs[k] = wsum, c
+        self.counts[g] += 1
+        self.masks[g][i] = True
+
+
+class SopMeter:
+    """Per input channel of every conv / linear layer: the synaptic operations its spikes cause on one output
+    channel, summed over the samples of an update window (on the model's device; no host reads).
+
+    A conv input spike at position p reaches ``F(p)`` output positions (fewer at the borders); a linear
+    layer's input feature reaches one weight per output. Layers whose input is not binary (the image, an
+    average pool) make no SOPs, as spikingjelly's SynOpCounter counts them.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[Layer], T: int):
+        device = model_device(model)
+        self.T, self.active = T, False
+        self.sums = {lay.name: torch.zeros(lay.n_in, dtype=torch.float64, device=device) for lay in layers}
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)  # sample-steps seen (per layer alike)
+        self.analog = {lay.name: torch.zeros((), dtype=torch.float64, device=device) for lay in layers}
+        self._fanout = {lay.name: self.fanout_map(lay, device) for lay in layers if lay.kind == "conv"}
+        self._first = layers[0].name if layers else None
+        modules = dict(model.named_modules())
+        self._handles = [modules[lay.name].register_forward_pre_hook(self._hook(lay)) for lay in layers]
+
+    def _hook(self, lay: Layer):
+        def fn(module, args):
+            if not self.active:
+                return
+            with torch.no_grad():
+                x = args[0].detach()
+                if lay.kind == "conv":
+                    x = x.reshape(-1, *x.shape[-3:])
+                    per_pos = x.sum(0, dtype=torch.float64)  # [C, H, W]
+                    spikes = (per_pos * self._fanout[lay.name]).sum((-2, -1))
+                else:
+                    x = x.reshape(-1, x.shape[-1])
+                    spikes = x.sum(0, dtype=torch.float64).view(lay.n_in, -1).sum(1)
+                self.sums[lay.name] += spikes
+                self.analog[lay.name] += ((x != 0) & (x != 1)).any()
+                if lay.name == self._first:
+                    self.steps += x.shape[0]
+        return fn
+
+    @staticmethod
+    def fanout_map(lay: Layer, device: torch.device) -> torch.Tensor:
+        """How many output positions each input position of a conv feeds (fewer at the borders): the input
+        gradient of the sum of a ones-kernel conv."""
+        (kh, kw), stride, padding, dilation = lay.conv
+        _, h, w = lay.in_shape
+        h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        ones = torch.ones((1, 1, h_out, w_out), dtype=torch.float64, device=device)
+        kernel = torch.ones((1, 1, kh, kw), dtype=torch.float64, device=device)
+        return torch.nn.grad.conv2d_input((1, 1, h, w), kernel, ones, stride, padding, dilation)[0, 0]
+
+    def per_inference(self) -> dict[str, torch.Tensor]:
+        """SOPs per output channel per inference (all T steps), per input channel, on the CPU."""
+        steps = float(self.steps)
+        if steps == 0:
+            raise RuntimeError("SOP budget: no training batch was measured in this update window")
+        return {n: s.cpu() * self.T / steps * (float(self.analog[n]) == 0) for n, s in self.sums.items()}
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.sums.values(), *self.analog.values(), self.steps]
+
+    def reset(self) -> None:
+        for t in self.tensors():
+            t.zero_()
+
+    def state_dict(self) -> dict:
+        return {"sums": {n: s.cpu().clone() for n, s in self.sums.items()},
+                "analog": {n: s.cpu().clone() for n, s in self.analog.items()}, "steps": self.steps.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, s in state["sums"].items():
+            self.sums[n].copy_(s)
+        for n, s in state["analog"].items():
+            self.analog[n].copy_(s)
+        self.steps.copy_(state["steps"])
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def build_cost(model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor, unit: str, T: int) -> CostModel | None:
+    """The cost model of ``prune.budget_unit`` (None for ``channels``: the count is the cost)."""
+    return None if unit == "channels" else CostModel(unit, model_layers(model, example, groups), groups, T)

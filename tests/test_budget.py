@@ -1,0 +1,165 @@
+"""Budgets in MACs, SOPs and latency (prune.budget_unit): the cost arithmetic by hand, the counters against
+spikingjelly's and torch's, the selection, and training that reaches its target and resumes exactly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import snncompress
+from snncompress.config import parse_recipe
+from snncompress.data import encode, load_dataset
+from snncompress.metrics import count_macs, spike_stats
+from snncompress.prune.cost import CostModel, Layer, LatencyTable, SopMeter, _Selection, channel_block, model_layers, \
+    resolve_round_to, table_grid
+from snncompress.prune.gates import ChannelGroup, set_masks
+from snncompress.prune.groups import channel_groups
+from snncompress.stages.train import starting_model
+
+from .conftest import TINY, cli, write_recipe
+
+T = 2
+# image (2 channels) -> conv1 (group a, 4 channels) -> conv2 (group b, 6 channels) -> flatten (4 features per
+# channel) -> linear (10 classes); 3x3 convs with 4x4 outputs: a MAC per (input channel, output channel) of a
+# conv costs 9 taps x 16 positions x T = 288, one of the linear layer 4 features x T = 8
+GROUPS = [ChannelGroup("a", 4, ["conv1"], consumers=["conv2"]), ChannelGroup("b", 6, ["conv2"], consumers=["fc"])]
+LAYERS = [Layer("conv1", "conv", None, "a", 2, 4, 2 * 4 * 288, (2, 4, 4), ((3, 3), (1, 1), (1, 1), (1, 1))),
+          Layer("conv2", "conv", "a", "b", 4, 6, 4 * 6 * 288, (4, 4, 4), ((3, 3), (1, 1), (1, 1), (1, 1))),
+          Layer("fc", "linear", "b", None, 6, 10, 24 * 10 * T, (24,))]
+
+
+def _masks(a: list[int], b: list[int]) -> dict[str, torch.Tensor]:
+    return {"a": torch.tensor(a, dtype=torch.bool), "b": torch.tensor(b, dtype=torch.bool)}
+
+
+def test_mac_cost_and_marginal_cost_by_hand():
+    cost = CostModel("macs", LAYERS, GROUPS, T)
+    assert cost.dense == 2304 + 6912 + 480
+    sel = _Selection(cost, _masks([1, 1, 0, 0], [1, 1, 1, 0, 0, 0]))
+    # 2 x 2 x 288 + 2 x 3 x 288 + 3 x 10 x 8
+    assert sel.total() == cost.cost(sel.masks) == 1152 + 1728 + 240
+    # a channel of a: its own conv (2 image channels x 288) + what it feeds (3 kept outputs of conv2 x 288)
+    assert sel.total_if("a", 2) - sel.total() == 2 * 288 + 3 * 288
+    # a channel of b: its conv's 2 kept inputs x 288 + 10 outputs x 8 in the linear layer
+    assert sel.total_if("b", 3) - sel.total() == 2 * 288 + 10 * 8
+
+
+def test_rounding_counts_whole_blocks():
+    cost = CostModel("macs", LAYERS, GROUPS, T, round_to=4)
+    # a keeps 1 -> billed as 4; b keeps 1 -> billed as 4 (of 6)
+    assert cost.cost(_masks([1, 0, 0, 0], [1, 0, 0, 0, 0, 0])) == 2 * 4 * 288 + 4 * 4 * 288 + 4 * 10 * 8
+    assert resolve_round_to(8) == 8 and resolve_round_to("auto") == channel_block() in (1, 8, 16)
+
+
+def test_selection_keeps_the_best_channels_that_fit():
+    cost = CostModel("macs", LAYERS, GROUPS, T)
+    scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
+    # floors a0, b0 cost 576 + 288 + 80 = 944; then b1 (+368) and b2 (+368) fit in 2000; b3 (+368) and b4
+    # would reach 2048; a1 (+576 +864) does not fit either: passed over, as are the rest
+    masks = cost.select(scores, {n: torch.zeros_like(s) for n, s in scores.items()}, 2000, 0.0, 1)
+    assert masks["a"].tolist() == [True, False, False, False]
+    assert masks["b"].tolist() == [True, True, True, False, False, False]
+    assert cost.cost(masks) == 1680
+
+
+def test_sop_cost_weights_each_input_channel():
+    cost = CostModel("sops", LAYERS, GROUPS, T)
+    cost.weights = {"conv1": torch.tensor([5.0, 5.0]), "conv2": torch.tensor([10.0, 20, 30, 40]),
+                    "fc": torch.tensor([1.0, 2, 3, 4, 5, 6])}
+    masks = _masks([1, 0, 1, 0], [1, 1, 1, 0, 0, 0])
+    # conv1: 10 x 2 outputs; conv2: (10 + 30) x 3 outputs; fc: (1 + 2 + 3) x 10 outputs
+    assert cost.cost(masks) == 20 + 120 + 60
+
+
+def test_latency_table_rounds_up_to_blocks_and_interpolates():
+    table = LatencyTable([8, 16, 32], [8, 16], [[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]], block=8)
+    assert table(3, 8) == table(8, 8) == 1.0  # 3 channels are computed as a block of 8
+    assert table(24, 8) == pytest.approx(3.0)  # half way from 16 to 32
+    assert table(0, 8) == 0.0
+    assert table_grid(256, 8)[0] == 8 and table_grid(256, 8)[-1] == 256 and len(table_grid(256, 8)) <= 8
+    assert all(n % 8 == 0 for n in table_grid(256, 8))
+
+
+def _tiny_model(model: dict, encoding: str = "direct"):
+    recipe = parse_recipe({"model": model, "data": {"name": "digits", "T": 2, "encoding": encoding}})
+    data = load_dataset(recipe.data, 0)
+    _, net, example, _ = starting_model(recipe, data)
+    return net, example, channel_groups(net, example), data
+
+
+@pytest.mark.parametrize("model", [{"name": "vgg", "layers": [8, 16, "M", 16]}, {"name": "resnet19", "width": 0.125}])
+def test_dense_macs_are_torchs_count(model):
+    net, example, groups, _ = _tiny_model(model)
+    assert CostModel("macs", model_layers(net, example, groups), groups, 2).dense == count_macs(net, example)
+
+
+@pytest.mark.parametrize("encoding", ["direct", "poisson"])
+def test_sop_meter_counts_what_spikingjellys_counter_counts(encoding):
+    net, example, groups, data = _tiny_model({"name": "vgg", "layers": [8, 16, "M", 16]}, encoding)
+    x = data.x_test[:48]
+    layers = model_layers(net, example, groups)
+    cost = CostModel("sops", layers, groups, 2)
+    meter = SopMeter(net, layers, 2)
+    cost._meter, meter.active = meter, True
+    reference = spike_stats(net, x, 2, encoding)["sops"]  # eval mode, the same deterministic inputs, metered too
+    cost.absorb({g.name: torch.ones(g.size, dtype=torch.bool) for g in groups})
+    assert cost.dense == pytest.approx(reference, rel=1e-9)
+    # with channels closed: the SOPs of the slim model, i.e. the masked model's without the closed outputs
+    masks = {g.name: torch.arange(g.size) % 3 != 0 for g in groups}
+    set_masks(net, groups, masks)
+    meter.active = True
+    per_layer = spike_stats(net, x, 2, encoding)["per_layer"]["sops"]
+    cost.absorb(masks)
+    kept = {lay.name: int(masks[lay.out_group].sum()) / lay.n_out if lay.out_group else 1.0 for lay in layers}
+    assert cost.cost(masks) == pytest.approx(sum(per_layer[n] * kept[n] for n in per_layer), rel=1e-9)
+    meter.remove()
+
+
+BUDGET = {**TINY, "model": {"name": "vgg", "layers": [16, 32, "M", 32]},
+          "train": {"epochs": 5, "optimizer": {"name": "sgd", "lr": 0.1}},
+          "prune": {**TINY["prune"], "keep": 0.3, "warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1}}
+
+
+@pytest.mark.parametrize("unit", ["macs", "sops"])
+def test_training_reaches_the_budget_in_its_unit(unit, tmp_path):
+    recipe = parse_recipe({**BUDGET, "prune": {**BUDGET["prune"], "budget_unit": unit}})
+    res = snncompress.train(recipe, tmp_path / "out", progress=False)
+    ckpt = torch.load(res.ckpt, weights_only=True)
+    budget = ckpt["history"][-1]["budget"]
+    assert budget["unit"] == unit and budget["target"] == pytest.approx(0.3 * budget["dense"])
+    assert 0.85 * budget["target"] <= budget["selected"] <= budget["target"]
+    if unit == "macs":  # the slim model has exactly the MACs selected
+        slim = snncompress.slim_checkpoint(res.ckpt, tmp_path / "slim.pt")
+        model = snncompress.load_model(tmp_path / "slim.pt")
+        data = load_dataset(recipe.data, 0)
+        assert count_macs(model, encode(data.x_test[:1], 2, "direct")) == budget["selected"]
+        assert slim.equivalence.ok
+
+
+def test_resume_mid_ramp_with_a_sop_budget_is_bitwise_identical(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {**BUDGET, "train": {**BUDGET["train"], "epochs": 7},
+                                                "prune": {**BUDGET["prune"], "budget_unit": "sops", "ramp_epochs": 3,
+                                                          "update_every": 2, "finetune_epochs": 2}})
+    assert cli("train", recipe, "--out", tmp_path / "ref").returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "snncompress", "train", str(recipe), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and \
+            (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed: the test would prove nothing"
+    os.kill(proc.pid, signal.SIGKILL)  # inside epoch 3, mid-window: updates end epochs 1, 3 (and 4)
+    proc.wait()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] < 6
+    assert cli("train", recipe, "--out", out, "--resume").returncode == 0
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "ref", out))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert [h["budget"] for h in a["history"]] == [h["budget"] for h in b["history"]]
+    assert all(torch.equal(a["masks"][g], b["masks"][g]) for g in a["masks"])
