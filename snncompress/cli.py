@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -281,6 +282,24 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
 def main() -> None:
     """Entry point: user errors become one line on stderr and their exit code (tracebacks with --debug);
     anything else is an internal error, reported as such in one line with exit code 3 (see errors.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not torchrun (read here: torch is not imported yet)
+        return _main()
+    # Under torchrun a rank ends with os._exit once its output is flushed: it has left the job (barrier,
+    # destroy_process_group) and every file it wrote is complete, but the interpreter's teardown of
+    # torch's C++ threads can still abort a finished rank ("terminate called without an active
+    # exception", SIGABRT; seen about once in 20-40 runs of two ranks on loaded CPUs), which makes
+    # torchrun report a failed job.
+    try:
+        _main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main() -> None:
     from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, SnnCompressError, first_line
 
     # torch warns on every run of a custom op that Triton (a GPU compiler) is missing: noise on CPU

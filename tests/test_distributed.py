@@ -329,3 +329,18 @@ def test_unstructured_methods_agree_on_weight_masks_across_processes(method, tmp
     assert sorted(logs) == [0, 1] and logs[0] == logs[1] and len(logs[0]) >= 2, job.output()
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["weight_masks"] and ckpt["metrics"]["connectivity"] < 0.5
+
+
+@pytest.mark.parametrize("unit", ["sops", "latency"])
+def test_cost_budgets_agree_across_processes(unit, tmp_path, jobs):
+    # SOPs are measured per process on its shard and summed; the latency table is measured by rank 0 alone
+    # and sent: either way every rank must select the same masks under the same budget
+    recipe = write_recipe(tmp_path / "b.yaml", {**DDP, "train": {**DDP["train"], "epochs": 4}, "prune": {
+        **DDP["prune"], "budget_unit": unit, "keep": 0.4, "warmup_epochs": 1, "ramp_epochs": 2,
+        "finetune_epochs": 1}, "deploy": {"batch_size": 8}})
+    job = torchrun(jobs, tmp_path / "log.txt", "train", recipe, "--out", tmp_path / "out")
+    assert job.wait() == 0, job.output()
+    logs = _mask_logs(job.output())
+    assert sorted(logs) == [0, 1] and logs[0] == logs[1] and len(logs[0]) == 2, job.output()
+    budget = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["history"][-1]["budget"]
+    assert budget["unit"] == unit and budget["selected"] <= budget["target"]
