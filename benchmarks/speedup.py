@@ -1,9 +1,10 @@
-"""Slim vs dense-shaped latency in onnxruntime, against the ideal (MAC ratio) and this machine's GEMM.
+"""Slim vs dense-shaped latency in onnxruntime and/or OpenVINO, against the ideal (MAC ratio) and this machine's GEMM.
 
 For each model and keep fraction, random channel masks (seeded) are applied to an untrained
 spiking model (latency does not depend on the weights' values), the dense-shaped gated model and
 its slim version are exported to ONNX the same way `snncompress export` does, and both are timed
-in onnxruntime; PyTorch eager is timed too.
+on each runtime asked for (`--runtime`; OpenVINO compiled with a static batch per batch size, as
+`snncompress bench` does); PyTorch eager is timed too.
 
     ideal      = dense MACs / slim MACs
     achieved   = dense latency / slim latency                    (medians)
@@ -13,6 +14,7 @@ The GEMM reference is a 2048x2048 fp32 MatMul run by onnxruntime with the same t
 
     python benchmarks/speedup.py --quick --out results.json    # VGG, keep 0.25, batch 32, all cores
     python benchmarks/speedup.py --out results.json            # the full grid
+    python benchmarks/speedup.py --quick --runtime both        # the same rows on onnxruntime and OpenVINO
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +32,10 @@ from onnx import TensorProto, helper
 from spikingjelly.activation_based import functional
 
 import snncompress as sc
-from snncompress.stages.bench import time_call
-from snncompress.deploy import UnrolledSNN, fold_batchnorm, ort_session, unrolled_onnx
+from snncompress.config import RUNTIMES
+from snncompress.errors import SnnCompressError
+from snncompress.deploy import (UnrolledSNN, fold_batchnorm, ort_session, require_runtime, runtime_session,
+                                runtime_version, time_call, unrolled_onnx)
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.metrics import count_macs
 
@@ -78,7 +83,7 @@ def build_pair(model_name: str, keep: float, round_to: int, seed: int = 0):
 
 def measure(model_name: str, keep: float, batches: list[int], threads_list: list[int], repeats: int,
             round_to: int, gemm: dict[int, float], fold_bn: bool = False, lean: bool = True,
-            ort_level: str = "all", order: str = "step") -> list[dict]:
+            ort_level: str = "all", order: str = "step", runtimes: tuple[str, ...] = ("onnxruntime",)) -> list[dict]:
     dense, slim = build_pair(model_name, keep, round_to)
     if fold_bn:
         for m in (dense, slim):
@@ -90,11 +95,9 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
               for k, m in (("dense", dense), ("slim", slim))}
     rows = []
     for threads in threads_list:
-        sessions = {k: ort_session(p.SerializeToString(), threads, ort_level) for k, p in protos.items()}
         torch.set_num_threads(threads)
         for b in batches:
             x = np.random.default_rng(1).standard_normal((b, *SHAPE), dtype=np.float32)
-            ort_ms = {k: time_call(lambda s=s: s.run(None, {s.get_inputs()[0].name: x}), 3, repeats) for k, s in sessions.items()}
             eager_ms = {}
             for k, m in (("dense", dense), ("slim", slim)):
                 net = UnrolledSNN(m, T).eval()
@@ -105,35 +108,46 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
                         net(xt)
                     functional.reset_net(net.net)
                 eager_ms[k] = time_call(call, 2, max(5, repeats // 2))
-            slim_s = ort_ms["slim"]["median"] / 1e3
-            rows.append({
-                "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean, "ort_level": ort_level, "order": order, "batch": b, "threads": threads,
-                "dense_macs": macs["dense"], "slim_macs": macs["slim"],
-                "ideal": macs["dense"] / macs["slim"],
-                "achieved": ort_ms["dense"]["median"] / ort_ms["slim"]["median"],
-                "efficiency": macs["slim"] * b / slim_s / gemm[threads],
-                "dense_efficiency": macs["dense"] * b / (ort_ms["dense"]["median"] / 1e3) / gemm[threads],
-                "ort_ms": ort_ms, "eager_ms": eager_ms,
-                "ort_vs_eager": {k: eager_ms[k]["median"] / ort_ms[k]["median"] for k in ort_ms},
-            })
-            r = rows[-1]
-            print(f"{model_name:9s} keep {keep:<4} batch {b:>2} threads {threads}: ideal {r['ideal']:.2f}x "
-                  f"achieved {r['achieved']:.2f}x ({r['achieved'] / r['ideal']:.2f} of ideal), efficiency "
-                  f"{r['efficiency']:.2f} (dense {r['dense_efficiency']:.2f}); ORT vs eager "
-                  f"{r['ort_vs_eager']['slim']:.1f}x", flush=True)
+            for runtime in runtimes:
+                if runtime == "onnxruntime":  # --ort-level applies to onnxruntime alone
+                    sessions = {k: (lambda xb, s=ort_session(p.SerializeToString(), threads, ort_level):
+                                    s.run(None, {s.get_inputs()[0].name: xb})) for k, p in protos.items()}
+                else:
+                    sessions = {k: runtime_session(runtime, p.SerializeToString(), threads, batch=b)
+                                for k, p in protos.items()}
+                run_ms = {k: time_call(lambda s=s: s(x), 3, repeats) for k, s in sessions.items()}
+                slim_s = run_ms["slim"]["median"] / 1e3
+                rows.append({
+                    "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean,
+                    "runtime": runtime, "ort_level": ort_level, "order": order, "batch": b, "threads": threads,
+                    "dense_macs": macs["dense"], "slim_macs": macs["slim"],
+                    "ideal": macs["dense"] / macs["slim"],
+                    "achieved": run_ms["dense"]["median"] / run_ms["slim"]["median"],
+                    "efficiency": macs["slim"] * b / slim_s / gemm[threads],
+                    "dense_efficiency": macs["dense"] * b / (run_ms["dense"]["median"] / 1e3) / gemm[threads],
+                    "runtime_ms": run_ms, "eager_ms": eager_ms,
+                    "runtime_vs_eager": {k: eager_ms[k]["median"] / run_ms[k]["median"] for k in run_ms},
+                })
+                r = rows[-1]
+                print(f"{model_name:9s} keep {keep:<4} batch {b:>2} threads {threads} {runtime:11s}: ideal "
+                      f"{r['ideal']:.2f}x achieved {r['achieved']:.2f}x ({r['achieved'] / r['ideal']:.2f} of ideal), "
+                      f"efficiency {r['efficiency']:.2f} (dense {r['dense_efficiency']:.2f}); vs eager "
+                      f"{r['runtime_vs_eager']['slim']:.1f}x", flush=True)
     return rows
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['processor']}, {m['cpu_count']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
+    versions = ", ".join(f"{rt} {m[rt]}" for rt in RUNTIMES if rt in m)
+    lines = [f"Machine: {m['processor']}, {m['cpu_count']} cores; {versions}, torch {m['torch']}; "
              f"fp32 GEMM (onnxruntime MatMul 2048²): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GMAC/s" for t, v in result["gemm_macs_per_s"].items())
-             + f"; {result['repeats']} timed runs (median); onnxruntime graph optimisation: {result['rows'][0]['ort_level']}.", "",
-             "| model | keep | round to | BN folded | lean neurons | unroll | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | ORT vs eager (slim) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             + f"; {result['repeats']} timed runs (median); onnxruntime graph optimisation: {result['rows'][0]['ort_level']}; "
+             "OpenVINO: CPU, LATENCY hint, f32, static batch.", "",
+             "| model | keep | round to | BN folded | lean neurons | unroll | runtime | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | runtime vs eager (slim) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['order']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
-                     f"{r['achieved'] / r['ideal']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['ort_vs_eager']['slim']:.1f}× |")
+        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['order']} | {r['runtime']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
+                     f"{r['achieved'] / r['ideal']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['runtime_vs_eager']['slim']:.1f}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +162,15 @@ def main() -> None:
     ap.add_argument("--order", choices=["step", "layer"], default="step", help="how the time steps are unrolled")
     ap.add_argument("--ort-level", choices=["disable", "basic", "extended", "all"], default="all",
                     help="onnxruntime graph-optimisation level")
+    ap.add_argument("--runtime", choices=[*RUNTIMES, "both"], default="onnxruntime",
+                    help="the runtime(s) to time on (openvino: pip install 'snncompress[openvino]')")
     args = ap.parse_args()
+    runtimes = tuple(RUNTIMES) if args.runtime == "both" else (args.runtime,)
+    try:
+        for rt in runtimes:
+            require_runtime(rt)  # before minutes of measuring: a missing runtime fails at once
+    except SnnCompressError as e:
+        sys.exit(f"error: {e}")
     cores = os.cpu_count() or 1
     if args.quick:
         models, keeps, batches, threads = ["vgg16"], [0.25], [32], [cores]
@@ -156,10 +178,11 @@ def main() -> None:
         models, keeps, batches, threads = list(MODELS), [0.75, 0.5, 0.25, 0.1], [1, 32], sorted({1, cores})
     gemm = {t: gemm_macs_per_s(t) for t in threads}
     rows = [r for name in models for keep in keeps
-            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn, not args.sj_neurons, args.ort_level, args.order)]
+            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn,
+                             not args.sj_neurons, args.ort_level, args.order, runtimes)]
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": cores,
                           "platform": platform.platform(), "torch": torch.__version__,
-                          "onnxruntime": __import__("onnxruntime").__version__},
+                          **{rt: runtime_version(rt) for rt in dict.fromkeys(("onnxruntime", *runtimes))}},
               "repeats": args.repeats, "gemm_macs_per_s": {str(t): v for t, v in gemm.items()}, "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -42,8 +43,16 @@ def _table(report: dict) -> Table:
 
 def _print_bench(report: dict, out_dir: Path) -> None:
     console.print(_table(report))
-    console.print("speedup (slim vs dense-shaped, median latency): "
-                  + ", ".join(f"batch {b}: {v:.2f}x" for b, v in report["speedup"].items()))
+    s = report["settings"]
+    console.print(f"speedup (slim vs dense-shaped, median latency on {s['runtime']} {s['runtime_version']}): "
+                  + ", ".join(f"batch {b}: {v:.2f}x" for b, v in report["speedup"].items()), highlight=False)
+    if "budget" in report:
+        b = report["budget"]
+        pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731 (a model that never spikes has no SOP ratio)
+        ratios = ", ".join(f"{k} {pct(v)}" for k, v in b["ratios"].items())
+        console.print(f"budget: keep {pct(b['target'])} of the {b['unit']}; the slim model has "
+                      f"{pct(b['achieved'])} (of the dense-shaped model: {ratios}; latency at batch "
+                      f"{b['latency_batch']})", highlight=False)
     from .layout import RunLayout
 
     layout = RunLayout(out_dir)
@@ -146,15 +155,22 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
               slim: Optional[Path] = typer.Option(None, help="Slim checkpoint"),
               baseline: Optional[Path] = typer.Option(None, help="Dense baseline checkpoint"),
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory"),
-              threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads (default: the "
-                                                                      "cores this process may use)"),
-              repeats: int = typer.Option(30, min=20, help="Timed runs per batch size")) -> None:
+              threads: Optional[int] = typer.Option(None, min=1, help="The runtime's intra-op threads (default: "
+                                                                      "the recipe's deploy.threads, else the cores "
+                                                                      "this process may use)"),
+              repeats: int = typer.Option(30, min=20, help="Timed runs per batch size"),
+              runtime: Optional[str] = typer.Option(None, "--runtime", help="onnxruntime or openvino (pip install "
+                                                    "'snncompress[openvino]'); default: the recipe's "
+                                                    "deploy.runtime")) -> None:
     """Measure the slim model against the dense-shaped one: latency, SOPs, MACs, firing, energy, accuracy."""
+    from .deploy import require_runtime
     from .errors import SnnCompressError
     from .layout import RunLayout
     from .run import bench
     from .stages.bench import BenchSettings
 
+    if runtime is not None:
+        require_runtime(runtime)  # an unknown or missing runtime is refused before anything is read
     if run_dir is not None:
         if not run_dir.is_dir():
             raise SnnCompressError(f"{run_dir}: no such run directory")
@@ -167,9 +183,11 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
     if dense is None or slim is None:
         raise SnnCompressError("give a RUN_DIR, or both --dense and --slim")
     out = out or slim.parent
-    settings = BenchSettings(repeats=repeats)
-    if threads:
-        settings.threads = threads
+    from .artifacts import load_checkpoint
+    from .checkpoint import recipe_of
+
+    deploy = recipe_of(load_checkpoint(dense)).deploy  # what the user did not give comes from the recipe
+    settings = BenchSettings.from_deploy(deploy, runtime=runtime, threads=threads, repeats=repeats)
     _print_bench(bench(dense, slim, out, baseline=baseline, settings=settings, trust_factory=_state["trust_factory"]), out)
 
 
@@ -235,8 +253,15 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
     if path is None:
         from .registry import METHODS, list_models
 
+        from importlib.metadata import PackageNotFoundError
+
+        try:
+            openvino = f"openvino {version('openvino')}"
+        except PackageNotFoundError:
+            openvino = "openvino not installed (optional: pip install 'snncompress[openvino]')"
         console.print(f"snncompress {__version__}; " + "; ".join(
-            f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime", "nir")))
+            f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime", "nir"))
+            + f"; {openvino}", highlight=False)
         console.print(f"models: {', '.join(list_models())}")
         console.print("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
         return
@@ -309,7 +334,8 @@ def _main() -> None:
     except SnnCompressError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: rich would take a message's own brackets ("snncompress[openvino]", a path) for markup
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -324,6 +350,6 @@ def _main() -> None:
             sys.exit(e.exit_code)
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]internal error:[/] {first_line(e)} (a bug in snncompress, not in your input; "
+        err_console.print(f"[bold red]internal error:[/] {escape(first_line(e))} (a bug in snncompress, not in your input; "
                           "rerun with --debug for the traceback and please report it)", highlight=False, soft_wrap=True)
         sys.exit(EXIT_INTERNAL)

@@ -26,6 +26,12 @@ class RecipeError(SnnCompressError):
     exit_code = EXIT_USAGE
 
 
+class UsageError(SnnCompressError):
+    """A bad command-line option or argument value (e.g. an unknown runtime name)."""
+
+    exit_code = EXIT_USAGE
+
+
 class VerificationError(SnnCompressError):
     """A stage could not prove that its artifact computes the same function as its input."""
 

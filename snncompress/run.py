@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import distributed
-from .artifacts import write_json
+from .artifacts import load_checkpoint, write_json
+from .checkpoint import recipe_of
 from .config import Recipe
 from .data import load_dataset
-from .deploy import exported_from
+from .deploy import exported_from, require_runtime
 from .errors import SnnCompressError
 from .layout import RunLayout
 from .neuromorphic import nir_exported_from
@@ -50,10 +51,13 @@ def bench(dense: str | os.PathLike, slim: str | os.PathLike, out_dir: str | os.P
 
     Each model is timed as the ONNX file the run layout names in ``out_dir`` (``model.onnx``,
     ``dense.onnx``, ``baseline.onnx``), exported and verified first where it is missing or stale.
+    ``settings`` None: the runtime and threads of the dense checkpoint recipe's ``deploy`` section.
     ``trust_factory``: see :func:`snncompress.load_model`.
     """
     layout = RunLayout(out_dir)
     checkpoints = {"dense": Path(dense), "slim": Path(slim), **({"baseline": Path(baseline)} if baseline else {})}
+    settings = settings or BenchSettings.from_deploy(recipe_of(load_checkpoint(checkpoints["dense"])).deploy)
+    require_runtime(settings.runtime)  # before the exports: a runtime that is not installed fails at once
     export_all(checkpoints, layout.onnx, trust_factory)
     return bench_models({k: (p, layout.onnx[k]) for k, p in checkpoints.items()}, out_dir, settings, trust_factory)
 
@@ -81,6 +85,7 @@ def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Call
     log = log if main else (lambda _: None)
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
+    require_runtime(recipe.deploy.runtime)  # the bench runs on it: fail before training, not after
     for code in (recipe.model.factory, recipe.prune.method):  # the user's own recipe names them: trusted
         if code and is_code_string(code):
             trust_code(code)

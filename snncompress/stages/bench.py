@@ -1,15 +1,16 @@
 """The bench stage: measure dense-shaped vs slim (and baseline) models.
 
 Params, dense MACs, SOPs (spikingjelly's op_counter, on the test set), firing rate, an energy estimate,
-accuracy in PyTorch and onnxruntime, and onnxruntime latency at batch 1 and 32.
+accuracy in PyTorch and on the deployment runtime (onnxruntime or OpenVINO, its logits verified against
+PyTorch's), latency on that runtime at batch 1, 32 and the recipe's ``deploy.batch_size``, and the pruning
+budget: its unit, its target and what the slim model reached in that unit.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,18 @@ import torch
 from .. import __version__
 from ..artifacts import load_checkpoint, write_json, write_text
 from ..checkpoint import model_from_checkpoint, recipe_of
+from ..config import DeployCfg, Recipe
 from ..data import encode, eval_batches, load_dataset
-from ..deploy import exported_from, ort_session, run_onnx
-from ..errors import SnnCompressError
-from ..evaluation import evaluate
+from ..deploy import (exported_from, read_onnx_metadata, require_runtime, run_session, runtime_options,
+                      runtime_session, runtime_version, time_call)
+from ..errors import SnnCompressError, VerificationError
+from ..evaluation import TOLERANCE, evaluate
 from ..layout import RunLayout
 from ..metrics import PJ_PER_AC, PJ_PER_MAC, count_macs, count_params, spike_stats, weight_counts
 from ..neuromorphic import nir_exported_from
 from ..prune.gates import kept_fraction
 
-BATCHES = (1, 32)
+BATCHES = (1, 32)  # always timed; the recipe's deploy.batch_size is added when it is another
 BENCH_FORMAT = "snncompress.bench/1"
 
 
@@ -42,39 +45,65 @@ def available_cores() -> int:
 
 @dataclass
 class BenchSettings:
-    threads: int = field(default_factory=available_cores)  # onnxruntime intra-op threads
+    """How the bench times the exported models."""
+
+    threads: int = field(default_factory=available_cores)  # the runtime's intra-op threads
     warmup: int = 5
     repeats: int = 30
+    runtime: str = "onnxruntime"  # one of config.RUNTIMES; openvino is an optional extra
+
+    @classmethod
+    def from_deploy(cls, deploy: DeployCfg, **overrides) -> "BenchSettings":
+        """The settings a recipe's ``deploy`` section asks for (runtime; threads, where set); ``overrides``
+        that are not None replace them (e.g. a CLI option the user gave)."""
+        settings = cls(runtime=deploy.runtime, **({"threads": deploy.threads} if deploy.threads else {}))
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings) -> dict[str, dict[str, float]]:
-    """Median/min/max milliseconds per call of an ONNX model at each batch size in ``BATCHES``.
+def timed_batches(recipe: Recipe) -> list[int]:
+    """The batch sizes the bench times: 1, 32 and the batch a latency budget is measured at."""
+    return sorted({*BATCHES, recipe.deploy.batch_size})
 
-    ``x`` holds real model inputs (test samples, encoded), repeated to fill a batch if needed.
+
+def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings,
+                 batches: list[int] | tuple[int, ...] = BATCHES) -> dict[str, dict[str, float]]:
+    """Median/min/max milliseconds per call of an ONNX model at each batch size, on ``settings.runtime``.
+
+    ``x`` holds real model inputs (test samples, encoded), repeated to fill a batch if needed. OpenVINO
+    compiles the model once per batch size with a static batch (faster than a dynamic one); onnxruntime
+    runs the graph's dynamic batch.
     """
-    sess = ort_session(path, settings.threads)
-    name = sess.get_inputs()[0].name
     out = {}
-    for b in BATCHES:
+    for b in batches:
+        session = runtime_session(settings.runtime, path, settings.threads, batch=b)
         xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))  # real test images, repeated if needed
-        out[str(b)] = time_call(lambda: sess.run(None, {name: xb}), settings.warmup, settings.repeats)
+        out[str(b)] = time_call(lambda: session(xb), settings.warmup, settings.repeats)
     return out
 
 
-def time_call(fn, warmup: int, repeats: int) -> dict[str, float]:
-    """Median/min/max milliseconds of ``fn()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
+def verified_logits(path: Path, reference: np.ndarray, x: torch.Tensor, T: int, encoding: str,
+                    settings: BenchSettings) -> tuple[np.ndarray, dict]:
+    """The runtime's logits of the ONNX file on the test set, checked against PyTorch's as the export checks
+    onnxruntime's: the same predictions and max |Δlogit| <= TOLERANCE, else :class:`VerificationError`.
+
+    A file exported with BatchNorm folded or int8 weights computes a different function by design: its
+    agreement is reported, not enforced."""
+    logits = run_session(runtime_session(settings.runtime, path, settings.threads), x, T, encoding)
+    diff = float(np.abs(logits - reference).max())
+    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    props = read_onnx_metadata(path)
+    exact_export = props.get("bn_folded", "False") != "True" and props.get("int8_weights", "False") != "True"
+    if exact_export and (agreement < 1 or diff > TOLERANCE):
+        raise VerificationError(f"{settings.runtime} disagrees with PyTorch on {path} (max |Δlogit| {diff:.3g}, "
+                                f"same predictions: {agreement == 1}); nothing written")
+    return logits, {"runtime": settings.runtime, "samples": len(logits), "max_abs_diff": diff,
+                    "agreement": agreement, "enforced": exact_export}
 
 
-def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust_factory: bool = False) -> dict:
-    """Every figure of one model: counts and accuracy in PyTorch, accuracy and latency of its ONNX export."""
+def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust_factory: bool = False,
+                batches: list[int] | tuple[int, ...] = BATCHES) -> dict:
+    """Every figure of one model: counts and accuracy in PyTorch, accuracy (verified against PyTorch) and
+    latency of its ONNX export on the runtime ``settings`` names."""
     if not exported_from(onnx_path, ckpt_path):  # a missing, stale or foreign file
         raise SnnCompressError(f"{onnx_path}: not an ONNX export of {ckpt_path}; export it first")
     ckpt = load_checkpoint(ckpt_path)
@@ -83,8 +112,8 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
     data = load_dataset(recipe.data, recipe.seed)
     T, enc = ckpt["data"]["T"], ckpt["data"]["encoding"]
 
-    _, accuracy, _ = evaluate(model, data.x_test, data.y_test, T, enc)
-    onnx_logits = run_onnx(ort_session(onnx_path, settings.threads), data.x_test, T, enc)
+    _, accuracy, logits = evaluate(model, data.x_test, data.y_test, T, enc)
+    onnx_logits, check = verified_logits(onnx_path, logits.numpy(), data.x_test, T, enc, settings)
     masks = ckpt["masks"]
     kept = kept_fraction(masks)
     return {
@@ -94,13 +123,31 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
         "macs": count_macs(model, encode(data.x_test[:1], T, enc)),
         **spike_stats(model, data.x_test, T, enc),
         "accuracy": accuracy,
+        # the ONNX file on the bench's runtime (settings.runtime); the key predates the runtime choice
         "accuracy_onnx": float((torch.from_numpy(onnx_logits).argmax(1) == data.y_test).float().mean()),
+        "runtime_check": check,
         "kept_channels": kept,
         "kept_per_group": {g: int(torch.as_tensor(m).sum()) for g, m in masks.items()},
         "group_sizes": {g: len(m) for g, m in masks.items()},
-        "latency_ms": onnx_latency(onnx_path, next(eval_batches(data.x_test, T, enc, batch_size=max(BATCHES))).numpy(),
-                                   settings),
+        "latency_ms": onnx_latency(onnx_path, next(eval_batches(data.x_test, T, enc, batch_size=max(batches))).numpy(),
+                                   settings, batches),
     }
+
+
+def budget_figures(recipe: Recipe, dense: dict, slim: dict) -> dict | None:
+    """The pruning budget of a structured recipe and what the slim model reached, each unit as a ratio of the
+    slim model to the dense-shaped one: kept channel fraction, MACs, SOPs and median latency at the recipe's
+    ``deploy.batch_size``. None for a dense recipe and for unstructured methods (their budget is a weight
+    sparsity, reported as connectivity)."""
+    p = recipe.prune
+    if p is None or p.unstructured:
+        return None
+    batch = str(recipe.deploy.batch_size)
+    ratios = {"channels": slim["kept_channels"], "macs": slim["macs"] / dense["macs"],
+              "sops": slim["sops"] / dense["sops"] if dense["sops"] else None,  # no spike at all: no ratio
+              "latency": slim["latency_ms"][batch]["median"] / dense["latency_ms"][batch]["median"]}
+    return {"unit": p.budget_unit, "target": p.keep, "achieved": ratios[p.budget_unit], "ratios": ratios,
+            "latency_batch": recipe.deploy.batch_size}
 
 
 def nir_figures(path: Path, slim: dict) -> dict:
@@ -114,10 +161,11 @@ def nir_figures(path: Path, slim: dict) -> dict:
             **{k: slim[k] for k in ("sops", "sops_effective", "firing_rate", "energy_uj") if k in slim}}
 
 
-def machine() -> dict:
+def machine(runtime: str = "onnxruntime") -> dict:
+    """The machine and the versions of what ran the bench (the runtime's version under its own name)."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "snncompress": __version__}
+            runtime: runtime_version(runtime), "snncompress": __version__}
 
 
 def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLike,
@@ -125,18 +173,27 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
     """Benchmark ``{"dense": (ckpt, onnx), "slim": (ckpt, onnx)[, "baseline": (ckpt, onnx)]}``: the dense-shaped
     masked checkpoint against its slim version (and an optional dense baseline), each with the ONNX file
     exported from it; write ``bench.json``, ``report.md`` and the plots into ``out_dir``; return the report.
-    ``trust_factory``: see :func:`snncompress.load_model`."""
-    settings = settings or BenchSettings()
+
+    ``settings`` None: as the dense checkpoint's recipe asks (``deploy.runtime``, ``deploy.threads``). The
+    batch sizes timed are 1, 32 and the recipe's ``deploy.batch_size``; a structured recipe's budget (unit,
+    target, what the slim model reached) is reported under ``budget``. ``trust_factory``: see
+    :func:`snncompress.load_model`."""
+    recipe = recipe_of(load_checkpoint(Path(models["dense"][0])))
+    settings = settings or BenchSettings.from_deploy(recipe.deploy)
+    require_runtime(settings.runtime)
+    batches = timed_batches(recipe)
     out_dir = Path(out_dir)
-    measured = {k: bench_model(Path(ckpt), Path(onnx_path), settings, trust_factory)
+    measured = {k: bench_model(Path(ckpt), Path(onnx_path), settings, trust_factory, batches)
                 for k, (ckpt, onnx_path) in models.items()}
     speedup = {b: measured["dense"]["latency_ms"][b]["median"] / measured["slim"]["latency_ms"][b]["median"]
                for b in measured["dense"]["latency_ms"]}
     report = {
-        "format": BENCH_FORMAT, "machine": machine(),
-        "settings": {"threads": settings.threads, "warmup": settings.warmup, "repeats": settings.repeats,
-                     "batches": list(BATCHES), "pj_per_mac": PJ_PER_MAC, "pj_per_ac": PJ_PER_AC,
-                     "execution_provider": "CPUExecutionProvider", "graph_optimization": "ORT_ENABLE_ALL"},
+        "format": BENCH_FORMAT, "machine": machine(settings.runtime),
+        "settings": {"runtime": settings.runtime, "runtime_version": runtime_version(settings.runtime),
+                     "runtime_options": runtime_options(settings.runtime, settings.threads),
+                     "static_batch": settings.runtime == "openvino",  # compiled per timed batch size
+                     "threads": settings.threads, "warmup": settings.warmup, "repeats": settings.repeats,
+                     "batches": batches, "pj_per_mac": PJ_PER_MAC, "pj_per_ac": PJ_PER_AC},
         "units": {"params": "count", "macs": "dense multiply-accumulates per inference (all T steps)",
                   "macs_analog": "MACs on non-spike inputs per inference",
                   "macs_analog_effective": "MACs on non-spike inputs through non-zero weights per inference",
@@ -144,10 +201,15 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
                   "sops_effective": "synaptic operations through non-zero weights per inference",
                   "connectivity": "fraction of conv + linear weights that are non-zero",
                   "energy_uj": "microjoules per inference", "latency_ms": "milliseconds per batch",
-                  "accuracy": "fraction", "kept_channels": "fraction of conv channels", "firing_rate": "spikes per neuron per step"},
+                  "accuracy": "fraction", "accuracy_onnx": "fraction, the ONNX file on settings.runtime",
+                  "kept_channels": "fraction of conv channels", "firing_rate": "spikes per neuron per step",
+                  "budget": "target and achieved: fractions of the dense-shaped model in the budget's unit"},
         "models": measured,
         "speedup": speedup,
     }
+    budget = budget_figures(recipe, measured["dense"], measured["slim"])
+    if budget is not None:
+        report["budget"] = budget
     layout = RunLayout(out_dir)
     if "slim" in models and nir_exported_from(layout.nir, Path(models["slim"][0])):
         report["nir"] = nir_figures(layout.nir, measured["slim"])
@@ -162,14 +224,18 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
 ROWS = [("params", "Params", "{:,.0f}"), ("macs", "MACs / inference", "{:,.0f}"), ("sops", "SOPs / inference", "{:,.0f}"),
         ("sops_effective", "SOPs through non-zero weights", "{:,.0f}"), ("connectivity", "Connectivity", "{:.1%}"),
         ("firing_rate", "Firing rate", "{:.4f}"), ("energy_uj", "Energy (µJ)", "{:.3f}"),
-        ("accuracy", "Accuracy (PyTorch)", "{:.2%}"), ("accuracy_onnx", "Accuracy (onnxruntime)", "{:.2%}"),
+        ("accuracy", "Accuracy (PyTorch)", "{:.2%}"), ("accuracy_onnx", "Accuracy ({runtime})", "{:.2%}"),
         ("kept_channels", "Kept conv channels", "{:.1%}")]
+
+UNIT_NAMES = {"channels": "conv channels", "macs": "MACs", "sops": "SOPs", "latency": "latency"}
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (shared by the terminal and markdown renderers)."""
     names = list(report["models"])
-    rows = [[label, *(fmt.format(report["models"][n][key]) for n in names)] for key, label, fmt in ROWS]
+    runtime = report["settings"].get("runtime", "onnxruntime")  # reports written before the runtime choice
+    rows = [[label.format(runtime=runtime), *(fmt.format(report["models"][n][key]) for n in names)]
+            for key, label, fmt in ROWS]
     for b in report["settings"]["batches"]:
         cells = []
         for n in names:
@@ -179,18 +245,50 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return ["", *names], rows
 
 
+def budget_sentence(report: dict) -> str:
+    """One sentence: the budget's unit and target, what the slim model reached in it and in the other units."""
+    bud, runtime = report["budget"], report["settings"]["runtime"]
+    r = bud["ratios"]
+    latency = f"latency at batch {bud['latency_batch']} on {runtime}"
+    names = {"channels": "conv channels", "macs": "MACs", "sops": "SOPs", "latency": latency}
+    others = ", ".join(f"{names[k]} {_percent(v)}" for k, v in r.items() if k != bud["unit"])
+    return (f"Pruning budget: keep {bud['target']:.1%} of the dense-shaped model's {UNIT_NAMES[bud['unit']]} "
+            f"(`prune.budget_unit: {bud['unit']}`, `prune.keep: {bud['target']}`); the slim model has "
+            f"**{_percent(bud['achieved'])}**" + (f" ({latency}, median)" if bud["unit"] == "latency" else "")
+            + f"; in the other units: {others}.")
+
+
+def check_sentence(report: dict) -> str:
+    """How the runtime's logits compare with PyTorch's on the test set, per model."""
+    parts = []
+    for name, m in report["models"].items():
+        c = m["runtime_check"]
+        parts.append(f"{name}: same predictions, max |Δlogit| {c['max_abs_diff']:.2g}" if c["enforced"] else
+                     f"{name}: {c['agreement']:.2%} of predictions agree, max |Δlogit| {c['max_abs_diff']:.2g} "
+                     "(exported with BatchNorm folded or int8 weights: not held to PyTorch's logits)")
+    return f"Its logits against PyTorch's on {c['samples']} test samples: " + "; ".join(parts) + "."
+
+
+def _percent(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
 def render_markdown(report: dict) -> str:
     header, rows = table_rows(report)
     s, m = report["settings"], report["machine"]
+    options = ", ".join(f"{k} {v}" for k, v in s["runtime_options"].items())
+    batch = "a static batch compiled per batch size" if s.get("static_batch") else "a dynamic batch"
     lines = [
         "# snncompress bench report", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         *("| " + " | ".join(r) + " |" for r in rows), "",
         "Speedup of the slim over the dense-shaped model (median latency): "
         + ", ".join(f"batch {b}: **{v:.2f}×**" for b, v in report["speedup"].items()), "",
+        *([budget_sentence(report), ""] if "budget" in report else []),
+        f"Runtime: **{s['runtime']} {s['runtime_version']}** ({options}; {batch}), {s['threads']} intra-op threads, "
+        f"{s['warmup']} warm-up + {s['repeats']} timed runs per batch size. {check_sentence(report)}", "",
         f"Machine: {m['processor']}, {m['cpu_count']} cores, {m['platform']}; torch {m['torch']}, "
-        f"onnxruntime {m['onnxruntime']} ({s['execution_provider']}, {s['graph_optimization']}), "
-        f"{s['threads']} intra-op threads, {s['warmup']} warm-up + {s['repeats']} timed runs per batch size.",
+        f"onnxruntime {m['onnxruntime']}.",
         *(f"![{name}]({file})" for name, file in report.get("plots", {}).items()), "",
         *([f"NIR file `{Path(report['nir']['path']).name}`: the slim network (same spikes, so the slim column's SOPs "
            f"and energy), {report['nir']['neurons']:,} neurons, nodes: "
