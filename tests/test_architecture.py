@@ -27,7 +27,7 @@ PKG = ROOT / "snncompress"
 # layer of every top-level module / package of snncompress (see docs/design.md)
 LAYERS = {"errors": 0, "registry": 0, "config": 0, "layout": 0, "artifacts": 1, "distributed": 1, "models": 1,
           "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "deploy": 3, "plots": 3,
-          "neuromorphic": 3,
+          "neuromorphic": 3, "latency": 3,
           "stages": 4, "run": 5, "compare": 5, "cli": 6, "__init__": 7, "__main__": 7}
 STAGES = {"train", "slim", "surgery", "export", "bench"}
 

@@ -21,6 +21,7 @@ from snncompress.prune.groups import channel_groups
 from snncompress.stages.train import starting_model
 
 from .conftest import TINY, cli, write_recipe
+from .test_runtimes import EXTRA, _no_openvino_cli
 
 T = 2
 # image (2 channels) -> conv1 (group a, 4 channels) -> conv2 (group b, 6 channels) -> flatten (4 features per
@@ -124,14 +125,20 @@ BUDGET = {**TINY, "model": {"name": "vgg", "layers": [16, 32, "M", 32]},
           "prune": {**TINY["prune"], "keep": 0.3, "warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1}}
 
 
-@pytest.mark.parametrize("unit", ["macs", "sops"])
+@pytest.mark.parametrize("unit", ["macs", "sops", "latency"])
 def test_training_reaches_the_budget_in_its_unit(unit, tmp_path):
-    recipe = parse_recipe({**BUDGET, "prune": {**BUDGET["prune"], "budget_unit": unit}})
+    keep, model = 0.3, BUDGET["model"]
+    if unit == "latency":  # runtimes compute whole blocks of 8 or 16 channels: wider layers, a looser target
+        keep, model = 0.6, {"name": "vgg", "layers": [32, 64, "M", 64]}
+    recipe = parse_recipe({**BUDGET, "model": model, "prune": {**BUDGET["prune"], "budget_unit": unit, "keep": keep}})
     res = snncompress.train(recipe, tmp_path / "out", progress=False)
     ckpt = torch.load(res.ckpt, weights_only=True)
     budget = ckpt["history"][-1]["budget"]
-    assert budget["unit"] == unit and budget["target"] == pytest.approx(0.3 * budget["dense"])
-    assert 0.85 * budget["target"] <= budget["selected"] <= budget["target"]
+    assert budget["unit"] == unit and budget["target"] == pytest.approx(keep * budget["dense"])
+    low = 0.6 if unit == "latency" else 0.85
+    assert low * budget["target"] <= budget["selected"] <= budget["target"], budget
+    if unit == "latency":  # the table travels in the checkpoint (resumes select with the same one)
+        assert ckpt["train_state"]["pruner"]["cost"]["tables"]
     if unit == "macs":  # the slim model has exactly the MACs selected
         slim = snncompress.slim_checkpoint(res.ckpt, tmp_path / "slim.pt")
         model = snncompress.load_model(tmp_path / "slim.pt")
@@ -163,3 +170,12 @@ def test_resume_mid_ramp_with_a_sop_budget_is_bitwise_identical(tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert [h["budget"] for h in a["history"]] == [h["budget"] for h in b["history"]]
     assert all(torch.equal(a["masks"][g], b["masks"][g]) for g in a["masks"])
+
+
+def test_a_latency_budget_on_a_runtime_not_installed_is_one_line_before_anything(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {**BUDGET, "prune": {**BUDGET["prune"], "budget_unit": "latency"},
+                                                "deploy": {"runtime": "openvino"}})
+    res = _no_openvino_cli("train", recipe, "--out", tmp_path / "out")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: runtime openvino is not installed; install the extra: {EXTRA}"]
+    assert not (tmp_path / "out").exists()

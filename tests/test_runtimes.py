@@ -116,11 +116,11 @@ def test_bench_on_openvino_through_the_cli_states_the_runtime_and_the_budget(run
     assert budget["unit"] == "channels" and budget["target"] == 0.5 and budget["latency_batch"] == 32
     assert budget["achieved"] == budget["ratios"]["channels"] == slim["kept_channels"]
     assert budget["ratios"]["macs"] == slim["macs"] / dense["macs"] < 1
-    assert budget["ratios"]["sops"] == slim["sops"] / dense["sops"]
+    assert budget["ratios"]["sops"] is None  # a channel budget records no dense SOPs to compare with
     assert budget["ratios"]["latency"] == slim["latency_ms"]["32"]["median"] / dense["latency_ms"]["32"]["median"]
     md = (copy / "report.md").read_text()
     assert f"Runtime: **openvino {version('openvino')}**" in md and "Accuracy (openvino)" in md
-    assert "Pruning budget: keep 50.0% of the dense-shaped model's conv channels (`prune.budget_unit: channels`" in md
+    assert "Pruning budget: keep 50.0% of the dense model's conv channels (`prune.budget_unit: channels`" in md
 
 
 def test_a_latency_budget_is_timed_at_the_recipes_deploy_batch(run_dir, tmp_path):
@@ -139,7 +139,7 @@ def test_a_latency_budget_is_timed_at_the_recipes_deploy_batch(run_dir, tmp_path
     assert budget["unit"] == "latency" and budget["latency_batch"] == 8
     assert budget["achieved"] == slim["latency_ms"]["8"]["median"] / dense["latency_ms"]["8"]["median"]
     md = (tmp_path / "report.md").read_text()
-    assert "keep 50.0% of the dense-shaped model's latency (`prune.budget_unit: latency`" in md
+    assert "keep 50.0% of the dense model's latency (`prune.budget_unit: latency`" in md
     assert "(latency at batch 8 on onnxruntime, median); in the other units: conv channels" in md
 
 
@@ -151,8 +151,13 @@ def test_budget_figures_by_hand():
                            "deploy": {"batch_size": 16}})
     assert timed_batches(recipe) == [1, 16, 32]
     assert budget_figures(recipe, dense, slim) == {
-        "unit": "macs", "target": 0.3, "achieved": 0.3, "latency_batch": 16,
-        "ratios": {"channels": 0.25, "macs": 0.3, "sops": 0.25, "latency": 0.4}}
+        "unit": "macs", "target": 0.3, "achieved": 0.3, "latency_batch": 16, "trained": None,
+        "ratios": {"channels": 0.25, "macs": 0.3, "sops": None, "latency": 0.4}}
+    # SOPs: against the dense SOPs the training measured (the dense-shaped model's closed channels fire nothing)
+    trained = {"unit": "sops", "dense": 500.0, "target": 125.0, "selected": 120.0}
+    sops = parse_recipe({**TINY, "prune": {**TINY["prune"], "keep": 0.25, "budget_unit": "sops"}, "deploy": {"batch_size": 16}})
+    got = budget_figures(sops, {**dense, "trained_budget": trained}, slim)
+    assert got["achieved"] == got["ratios"]["sops"] == 0.2 and got["trained"] == trained
     assert budget_figures(parse_recipe({**TINY, "prune": None}), dense, slim) is None  # a dense run: no budget
     unstructured = parse_recipe({**TINY, "prune": {"method": "pq", "sparsity": 0.5, "warmup_epochs": 1,
                                                    "finetune_epochs": 1}})

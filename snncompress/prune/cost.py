@@ -129,9 +129,8 @@ class LatencyTable:
             return 0.0
         i, wi = self._locate(self.grid_in, a)
         j, wj = self._locate(self.grid_out, b)
-        m = self.ms
-        return ((1 - wi) * ((1 - wj) * m[i][j] + wj * m[i][j + 1])
-                + wi * ((1 - wj) * m[i + 1][j] + wj * m[i + 1][j + 1]))
+        m, i1, j1 = self.ms, min(i + 1, len(self.grid_in) - 1), min(j + 1, len(self.grid_out) - 1)
+        return (1 - wi) * ((1 - wj) * m[i][j] + wj * m[i][j1]) + wi * ((1 - wj) * m[i1][j] + wj * m[i1][j1])
 
     def _locate(self, grid: list[int], n: float) -> tuple[int, float]:
         """(index, weight) of ``n`` (rounded up to the block) between two grid points."""
@@ -269,6 +268,7 @@ class CostModel:
         taken in decreasing score, globally, each one only if its marginal cost still fits in the activity
         share ``(1 - regrow_share)`` of the budget (a channel that does not fit is passed over, and cheaper
         ones after it may still fit); then the regrowth signal fills the rest of the budget the same way.
+        A channel that costs nothing more (it fills a channel block the runtime computes anyway) is always kept.
         """
         sel = _Selection(self, {g: torch.zeros(n, dtype=torch.bool) for g, n in self.sizes.items()})
         for g, s in scores.items():
@@ -276,7 +276,9 @@ class CostModel:
                 sel.add(g, i)
         for signal, limit in ((scores, budget * (1 - regrow_share)), (grow, budget)):
             for g, i in _ranked(signal, sel.masks):
-                if sel.total_if(g, i) <= limit + 1e-9 * abs(limit):
+                total, now = sel.total_if(g, i), sel.total()
+                # a free channel (the rest of a block a runtime computes anyway) is always taken
+                if total <= limit + 1e-9 * abs(limit) or total <= now + 1e-12 * abs(now):
                     sel.add(g, i)
         return sel.masks
 

@@ -129,6 +129,8 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
         "kept_channels": kept,
         "kept_per_group": {g: int(torch.as_tensor(m).sum()) for g, m in masks.items()},
         "group_sizes": {g: len(m) for g, m in masks.items()},
+        # what the training selected in its budget's unit (macs, sops, latency), from the last mask update
+        "trained_budget": next((h["budget"] for h in reversed(ckpt.get("history") or []) if "budget" in h), None),
         "latency_ms": onnx_latency(onnx_path, next(eval_batches(data.x_test, T, enc, batch_size=max(batches))).numpy(),
                                    settings, batches),
     }
@@ -136,18 +138,23 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
 
 def budget_figures(recipe: Recipe, dense: dict, slim: dict) -> dict | None:
     """The pruning budget of a structured recipe and what the slim model reached, each unit as a ratio of the
-    slim model to the dense-shaped one: kept channel fraction, MACs, SOPs and median latency at the recipe's
-    ``deploy.batch_size``. None for a dense recipe and for unstructured methods (their budget is a weight
-    sparsity, reported as connectivity)."""
+    slim model to the dense one: kept channel fraction, MACs, median latency at the recipe's
+    ``deploy.batch_size`` (against the dense-shaped model, which has the dense model's shapes), and SOPs
+    against the dense SOPs the training measured (``budget_unit: sops`` records them; the dense-shaped
+    model cannot stand in: its closed channels fire nothing, so otherwise there is no SOP ratio). None for
+    a dense recipe and for unstructured methods (their budget is a weight sparsity, reported as
+    connectivity). ``trained``: what the training's last mask update selected, in its unit."""
     p = recipe.prune
     if p is None or p.unstructured:
         return None
     batch = str(recipe.deploy.batch_size)
+    trained = dense.get("trained_budget")
+    sops_dense = trained["dense"] if trained and trained["unit"] == "sops" else None
     ratios = {"channels": slim["kept_channels"], "macs": slim["macs"] / dense["macs"],
-              "sops": slim["sops"] / dense["sops"] if dense["sops"] else None,  # no spike at all: no ratio
+              "sops": slim["sops"] / sops_dense if sops_dense else None,
               "latency": slim["latency_ms"][batch]["median"] / dense["latency_ms"][batch]["median"]}
     return {"unit": p.budget_unit, "target": p.keep, "achieved": ratios[p.budget_unit], "ratios": ratios,
-            "latency_batch": recipe.deploy.batch_size}
+            "latency_batch": recipe.deploy.batch_size, "trained": trained}
 
 
 def nir_figures(path: Path, slim: dict) -> dict:
@@ -203,7 +210,7 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
                   "energy_uj": "microjoules per inference", "latency_ms": "milliseconds per batch",
                   "accuracy": "fraction", "accuracy_onnx": "fraction, the ONNX file on settings.runtime",
                   "kept_channels": "fraction of conv channels", "firing_rate": "spikes per neuron per step",
-                  "budget": "target and achieved: fractions of the dense-shaped model in the budget's unit"},
+                  "budget": "target and achieved: fractions of the dense model in the budget's unit (SOPs: as the training measured them)"},
         "models": measured,
         "speedup": speedup,
     }
@@ -252,7 +259,7 @@ def budget_sentence(report: dict) -> str:
     latency = f"latency at batch {bud['latency_batch']} on {runtime}"
     names = {"channels": "conv channels", "macs": "MACs", "sops": "SOPs", "latency": latency}
     others = ", ".join(f"{names[k]} {_percent(v)}" for k, v in r.items() if k != bud["unit"])
-    return (f"Pruning budget: keep {bud['target']:.1%} of the dense-shaped model's {UNIT_NAMES[bud['unit']]} "
+    return (f"Pruning budget: keep {bud['target']:.1%} of the dense model's {UNIT_NAMES[bud['unit']]} "
             f"(`prune.budget_unit: {bud['unit']}`, `prune.keep: {bud['target']}`); the slim model has "
             f"**{_percent(bud['achieved'])}**" + (f" ({latency}, median)" if bud["unit"] == "latency" else "")
             + f"; in the other units: {others}.")

@@ -24,6 +24,7 @@ from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
 from ..checkpoint import build_model, load_weights, model_spec
 from ..config import Recipe, TrainCfg
+from ..deploy import require_runtime
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.datasets import Pairs
 from ..data.augment import random_crop_flip
@@ -157,6 +158,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
 def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) -> TrainResult:
     multi, rank, main = distributed.is_distributed(), distributed.rank(), distributed.is_main()
     out_dir = Path(out_dir)
+    if recipe.prune and recipe.prune.budget_unit == "latency":  # before anything is read or written
+        require_runtime(recipe.deploy.runtime)
     seed_everything(recipe.seed)
     data: Dataset = load_dataset(recipe.data, recipe.seed)
     spec, model, example, weights = starting_model(recipe, data)
