@@ -217,7 +217,6 @@ def _fixed_adaptive_pools(net: nn.Module, example: torch.Tensor) -> None:
 
 def to_nir_graph(body: nn.Module, example: torch.Tensor, metadata: dict[str, str]):
     """The NIR graph of a :func:`nir_body` (spikingjelly's exporter, then SumPool2d pooling and metadata)."""
-    import nir
     from spikingjelly.activation_based.nir_exchange.to_nir import export_to_nir
 
     with _quiet():

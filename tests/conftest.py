@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,20 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.C
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "snncompress", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=env)
+
+
+def kill_training_after(recipe: Path, out: Path, epochs: int) -> None:
+    """Run ``train`` in a subprocess and SIGKILL it once ``epochs`` epochs are logged (inside the next one)."""
+    proc = subprocess.Popen([sys.executable, "-m", "snncompress", "train", str(recipe), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and \
+            (not metrics.exists() or len(metrics.read_text().splitlines()) < epochs):
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed: the test would prove nothing"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
 
 
 @pytest.fixture

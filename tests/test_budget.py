@@ -1,12 +1,6 @@
 """Budgets in MACs, SOPs and latency (prune.budget_unit): the cost arithmetic by hand, the counters against
 spikingjelly's and torch's, the selection, and training that reaches its target and resumes exactly."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
@@ -20,7 +14,7 @@ from snncompress.prune.gates import ChannelGroup, set_masks
 from snncompress.prune.groups import channel_groups
 from snncompress.stages.train import starting_model
 
-from .conftest import TINY, cli, write_recipe
+from .conftest import TINY, cli, kill_training_after, write_recipe
 from .test_runtimes import EXTRA, _no_openvino_cli
 
 T = 2
@@ -153,16 +147,7 @@ def test_resume_mid_ramp_with_a_sop_budget_is_bitwise_identical(tmp_path):
                                                           "update_every": 2, "finetune_epochs": 2}})
     assert cli("train", recipe, "--out", tmp_path / "ref").returncode == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "snncompress", "train", str(recipe), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and \
-            (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.01)
-    assert proc.poll() is None, "training finished before it could be killed: the test would prove nothing"
-    os.kill(proc.pid, signal.SIGKILL)  # inside epoch 3, mid-window: updates end epochs 1, 3 (and 4)
-    proc.wait()
+    kill_training_after(recipe, out, 3)  # inside epoch 3, mid-window: updates end epochs 1, 3 (and 4)
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] < 6
     assert cli("train", recipe, "--out", out, "--resume").returncode == 0
     a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "ref", out))

@@ -11,7 +11,7 @@ from spikingjelly.activation_based.neuron import ParametricLIFNode
 
 import snncompress as sc
 from snncompress.artifacts import sha256
-from snncompress.data import load_dataset, to_steps
+from snncompress.data import load_dataset
 from snncompress.errors import SnnCompressError
 from snncompress.neuromorphic import (NIR_FORMAT, Simulator, body_logits, check_expressible, nir_body,
                                       read_nir, read_nir_metadata, simulate, to_nir_graph)

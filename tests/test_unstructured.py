@@ -2,11 +2,6 @@
 weight-mask enforcement and storage, effective SOPs, then training, slimming and exact resume."""
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -24,7 +19,7 @@ from snncompress.prune.weights import (WeightMasks, channel_masks, ensure_rows, 
                                        unpack_masks)
 from snncompress.config import PruneCfg, parse_recipe
 
-from .conftest import TINY, cli, write_recipe
+from .conftest import TINY, cli, kill_training_after, write_recipe
 
 UNSTRUCTURED_PRUNE = {"warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1, "min_channels": 1}
 
@@ -347,16 +342,7 @@ def test_pq_killed_and_resumed_matches_uninterrupted(tmp_path):
                   "min_channels": 1}})
     assert cli("train", recipe, "--out", tmp_path / "ref").returncode == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "snncompress", "train", str(recipe), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and \
-            (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.01)
-    assert proc.poll() is None, "training finished before it could be killed: the test would prove nothing"
-    os.kill(proc.pid, signal.SIGKILL)  # inside epoch 3: mid-window (updates at the end of epochs 1 and 3)
-    assert proc.wait() == -signal.SIGKILL
+    kill_training_after(recipe, out, 3)  # inside epoch 3: mid-window (updates at the end of epochs 1 and 3)
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] < 5  # killed before the end
     assert cli("train", recipe, "--out", out, "--resume").returncode == 0
     a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "ref", out))
