@@ -30,15 +30,21 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--channels-from", type=Path, help="a previous budget_accuracy.json: reuse its channels runs "
+                    "(seeded CPU runs repeat exactly) and train only the MAC-budget ones")
     args = ap.parse_args()
     dense, base = _recipe("mnist5k-wide-dense.yaml"), _recipe("mnist5k-from-trained.yaml")
     epochs = 2 * base["train"]["epochs"]  # as quality.py's "sca (scratch)"
     work = Path(tempfile.mkdtemp(prefix="snnc-budget-"))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        channels = {s: pool.submit(_job, _scratch(dense, args.keep, s, epochs), str(work / f"channels-{s}"))
-                    for s in range(args.seeds)}
-        channels = {s: f.result() for s, f in channels.items()}
+        if args.channels_from:
+            old = json.loads(args.channels_from.read_text())["runs"]
+            channels = {r["seed"]: r for r in old if r["unit"] == "channels" and r["seed"] < args.seeds}
+        else:
+            channels = {s: pool.submit(_job, _scratch(dense, args.keep, s, epochs), str(work / f"channels-{s}"))
+                        for s in range(args.seeds)}
+            channels = {s: f.result() for s, f in channels.items()}
         dense_macs = _dense_macs(dense)
         macs = {}
         for s, row in channels.items():
@@ -47,7 +53,7 @@ def main() -> None:
             recipe["prune"]["budget_unit"] = "macs"
             macs[s] = pool.submit(_job, recipe, str(work / f"macs-{s}"))
         macs = {s: f.result() for s, f in macs.items()}
-    rows = [{"unit": "channels", "seed": s, **{k: v for k, v in r.items() if k != "ckpt"}} for s, r in channels.items()]
+    rows = [{**{k: v for k, v in r.items() if k != "ckpt"}, "unit": "channels", "seed": s} for s, r in channels.items()]
     rows += [{"unit": "macs", "seed": s, **{k: v for k, v in r.items() if k != "ckpt"}} for s, r in macs.items()]
     summary = {}
     for unit in ("channels", "macs"):

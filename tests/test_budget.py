@@ -12,6 +12,7 @@ from snncompress.prune.cost import CostModel, Layer, LatencyTable, SopMeter, _Se
     resolve_round_to, table_grid
 from snncompress.prune.gates import ChannelGroup, set_masks
 from snncompress.prune.groups import channel_groups
+from snncompress.prune.select import select_masks
 from snncompress.stages.train import starting_model
 
 from .conftest import TINY, cli, kill_training_after, write_recipe
@@ -53,9 +54,10 @@ def test_rounding_counts_whole_blocks():
 def test_selection_keeps_the_best_channels_that_fit():
     cost = CostModel("macs", LAYERS, GROUPS, T)
     scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
-    # floors a0, b0 cost 576 + 288 + 80 = 944; then b1 (+368) and b2 (+368) fit in 2000; b3 (+368) and b4
-    # would reach 2048; a1 (+576 +864) does not fit either: passed over, as are the rest
-    masks = cost.select(scores, {n: torch.zeros_like(s) for n, s in scores.items()}, 2000, 0.0, 1)
+    # the channel ranking's prefixes: floors a0, b0 cost 576 + 288 + 80 = 944; + b1 (+368) and b2 (+368) fit
+    # in 2000; + b3 would reach 2048. Then the fill: b3, b4 (+368) and a1 (+576 +864) do not fit: passed over
+    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
+    masks = cost.select(lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1), 2000, scores)
     assert masks["a"].tolist() == [True, False, False, False]
     assert masks["b"].tolist() == [True, True, True, False, False, False]
     assert cost.cost(masks) == 1680
@@ -164,3 +166,15 @@ def test_a_latency_budget_on_a_runtime_not_installed_is_one_line_before_anything
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [f"error: runtime openvino is not installed; install the extra: {EXTRA}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_fill_takes_cheaper_channels_after_one_that_does_not_fit():
+    cost = CostModel("macs", LAYERS, GROUPS, T)
+    scores = {"a": torch.tensor([10.0, 9.5, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
+    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
+    # floors a0, b0: 944; the ranking's next channel, a1, costs 576 + 288 = 864 (1808 > 1600): the prefix
+    # stops there. The fill passes a1 over and takes b1 (288 + 80 = 368: 1312); b2 would make 1680
+    masks = cost.select(lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1), 1600, scores)
+    assert masks["a"].tolist() == [True, False, False, False]
+    assert masks["b"].tolist() == [True, True, False, False, False, False]
+    assert cost.cost(masks) == 1312

@@ -260,42 +260,35 @@ class CostModel:
 
     # --- selection ---------------------------------------------------------------------------------
 
-    def select(self, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor], budget: float,
-               regrow_share: float, min_channels: int) -> dict[str, torch.Tensor]:
-        """Keep-masks that cost at most ``budget`` (after rounding each group up to ``round_to``).
+    def select(self, pick: Callable[[float], dict[str, torch.Tensor]], budget: float,
+               scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep-masks that cost at most ``budget`` (each group's count rounded up to ``round_to``).
 
-        Every group first keeps its ``min_channels`` best channels (whatever they cost); then channels are
-        taken in decreasing score, globally, each one only if its marginal cost still fits in the activity
-        share ``(1 - regrow_share)`` of the budget (a channel that does not fit is passed over, and cheaper
-        ones after it may still fit); then the regrowth signal fills the rest of the budget the same way.
-        A channel that costs nothing more (it fills a channel block the runtime computes anyway) is always kept.
+        ``pick(x)`` is the selection of the channel budget at scale ``x`` (a kept fraction of the channels,
+        or the PQ shares' factor; its masks grow with ``x``): the largest ``x`` whose masks fit is found by
+        bisection, so the channels kept are those the method's own ranking keeps first. What is left of the
+        budget then goes to the best-scoring channels that still fit, in decreasing score: one that does
+        not fit is passed over, and cheaper ones after it may still fit. A channel that costs nothing more
+        (it fills a channel block the runtime computes anyway) is always kept.
         """
-        sel = _Selection(self, {g: torch.zeros(n, dtype=torch.bool) for g, n in self.sizes.items()})
-        for g, s in scores.items():
-            for i in top_k(s.double().flatten(), min(min_channels, self.sizes[g])).tolist():
-                sel.add(g, i)
-        for signal, limit in ((scores, budget * (1 - regrow_share)), (grow, budget)):
-            for g, i in _ranked(signal, sel.masks):
-                total, now = sel.total_if(g, i), sel.total()
-                # a free channel (the rest of a block a runtime computes anyway) is always taken
-                if total <= limit + 1e-9 * abs(limit) or total <= now + 1e-12 * abs(now):
-                    sel.add(g, i)
-        return sel.masks
+        def fits(x: float) -> bool:
+            return self.cost(pick(x)) <= budget + 1e-9 * abs(budget)
 
-    def select_counts(self, counts_at: Callable[[float], dict[str, int]], budget: float,
-                      pick: Callable[[dict[str, int]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The largest masks along ``counts_at(c)`` (per-group counts, non-decreasing in ``c >= 0``) that fit
-        ``budget``, by bisection on ``c``; ``pick(counts)`` turns counts into masks."""
-        def fits(c: float) -> bool:
-            return self.cost(pick(counts_at(c))) <= budget + 1e-9 * abs(budget)
+        def everything(x: float) -> bool:
+            return all(bool(m.all()) for m in pick(x).values())
 
         lo, hi = 0.0, 1.0
-        while fits(hi) and any(n < self.sizes[g] for g, n in counts_at(hi).items()):
+        while fits(hi) and not everything(hi):
             lo, hi = hi, hi * 2
-        for _ in range(50):
+        for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return pick(counts_at(lo))
+        sel = _Selection(self, pick(lo))
+        for g, i in _ranked(scores, sel.masks):
+            total, now = sel.total_if(g, i), sel.total()
+            if total <= budget + 1e-9 * abs(budget) or total <= now + 1e-12 * abs(now):
+                sel.add(g, i)
+        return sel.masks
 
 
 def _ranked(signal: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> list[tuple[str, int]]:

@@ -126,17 +126,14 @@ class ChannelPruner:
         target = keep * cost.dense
         if c.budget == "pq":
             sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
-            names = list(scores)
 
-            def counts_at(scale: float) -> dict[str, int]:
-                return {n: int(x + 1e-9) for n, x in zip(names, pq_shares(scale, sizes, lo, raw))}
-
-            def pick(counts: dict[str, int]) -> dict[str, torch.Tensor]:
+            def pick(scale: float) -> dict[str, torch.Tensor]:
+                counts = {n: int(x + 1e-9) for n, x in zip(scores, pq_shares(scale, sizes, lo, raw))}
                 return select_masks_budgeted(scores, grow, counts, share, c.min_channels)
-
-            new = cost.select_counts(counts_at, target, pick)
         else:
-            new = cost.select(scores, grow, target, share, c.min_channels)
+            def pick(fraction: float) -> dict[str, torch.Tensor]:
+                return select_masks(scores, grow, min(1.0, fraction), c.regrow * fraction / c.keep, c.min_channels)
+        new = cost.select(pick, target, scores)
         selected = cost.cost(new)  # rounding up below adds what this already counts
         if self.round_to > 1:
             new = round_masks(new, scores, self.round_to)
