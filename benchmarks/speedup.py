@@ -15,6 +15,10 @@ The GEMM reference is a 2048x2048 fp32 MatMul run by onnxruntime with the same t
     python benchmarks/speedup.py --quick --out results.json    # VGG, keep 0.25, batch 32, all cores
     python benchmarks/speedup.py --out results.json            # the full grid
     python benchmarks/speedup.py --quick --runtime both        # the same rows on onnxruntime and OpenVINO
+    python benchmarks/speedup.py --blocks                      # keep 0.25/0.1, round-to 1 vs auto, both runtimes
+
+    ideal, padded = dense MACs / MACs with every group padded to this CPU's channel block (what the
+                    runtimes compute: onnxruntime's NCHWc and OpenVINO's blocked layouts)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from snncompress.config import RUNTIMES
 from snncompress.errors import SnnCompressError
 from snncompress.deploy import (UnrolledSNN, fold_batchnorm, ort_session, require_runtime, runtime_session,
                                 runtime_version, time_call, unrolled_onnx)
+from snncompress.prune.cost import channel_block, resolve_round_to
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.metrics import count_macs
 
@@ -90,7 +95,10 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
             fold_batchnorm(m, torch.zeros(T, 2, *SHAPE))
     x1 = torch.randn(1, *SHAPE)
     macs = {"dense": count_macs(dense, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1)),
-            "slim": count_macs(slim, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1))}
+            "slim": count_macs(slim, x1.unsqueeze(0).repeat(T, 1, 1, 1, 1)),
+            # what the runtime computes: every group's channels padded to this CPU's channel block
+            "padded": count_macs(build_pair(model_name, keep, max(round_to, channel_block()))[1],
+                                 x1.unsqueeze(0).repeat(T, 1, 1, 1, 1))}
     protos = {k: unrolled_onnx(m, torch.randn(2, *SHAPE), T, lean=lean, order=order)
               for k, m in (("dense", dense), ("slim", slim))}
     rows = []
@@ -121,7 +129,7 @@ def measure(model_name: str, keep: float, batches: list[int], threads_list: list
                     "model": model_name, "keep": keep, "round_to": round_to, "fold_bn": fold_bn, "lean": lean,
                     "runtime": runtime, "ort_level": ort_level, "order": order, "batch": b, "threads": threads,
                     "dense_macs": macs["dense"], "slim_macs": macs["slim"],
-                    "ideal": macs["dense"] / macs["slim"],
+                    "ideal": macs["dense"] / macs["slim"], "ideal_padded": macs["dense"] / macs["padded"],
                     "achieved": run_ms["dense"]["median"] / run_ms["slim"]["median"],
                     "efficiency": macs["slim"] * b / slim_s / gemm[threads],
                     "dense_efficiency": macs["dense"] * b / (run_ms["dense"]["median"] / 1e3) / gemm[threads],
@@ -143,11 +151,11 @@ def markdown(result: dict) -> str:
              f"fp32 GEMM (onnxruntime MatMul 2048²): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GMAC/s" for t, v in result["gemm_macs_per_s"].items())
              + f"; {result['repeats']} timed runs (median); onnxruntime graph optimisation: {result['rows'][0]['ort_level']}; "
              "OpenVINO: CPU, LATENCY hint, f32, static batch.", "",
-             "| model | keep | round to | BN folded | lean neurons | unroll | runtime | batch | threads | ideal | achieved | of ideal | slim GEMM eff. | dense GEMM eff. | runtime vs eager (slim) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | keep | round to | BN folded | lean neurons | unroll | runtime | batch | threads | ideal | ideal, padded | achieved | of ideal | of padded ideal | slim GEMM eff. | dense GEMM eff. | runtime vs eager (slim) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['order']} | {r['runtime']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['achieved']:.2f}× | "
-                     f"{r['achieved'] / r['ideal']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['runtime_vs_eager']['slim']:.1f}× |")
+        lines.append(f"| {r['model']} | {r['keep']} | {r['round_to']} | {r['fold_bn']} | {r['lean']} | {r['order']} | {r['runtime']} | {r['batch']} | {r['threads']} | {r['ideal']:.2f}× | {r['ideal_padded']:.2f}× | {r['achieved']:.2f}× | "
+                     f"{r['achieved'] / r['ideal']:.2f} | {r['achieved'] / r['ideal_padded']:.2f} | {r['efficiency']:.2f} | {r['dense_efficiency']:.2f} | {r['runtime_vs_eager']['slim']:.1f}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +164,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="VGG only, keep 0.25, batch 32, all cores")
     ap.add_argument("--out", type=Path, default=Path("speedup.json"))
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--round-to", type=int, default=1, help="round kept channels up to a multiple of this")
+    ap.add_argument("--round-to", nargs="+", default=["1"],
+                    help="round kept channels up to a multiple of this (auto: this CPU's channel block); several: a row each")
+    ap.add_argument("--blocks", action="store_true", help="the channel-block rows: VGG-16/2, keep 0.25 and 0.1, batch "
+                    "32, all cores, round-to 1 and auto, both runtimes")
     ap.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convs before export")
     ap.add_argument("--sj-neurons", action="store_true", help="export spikingjelly's neuron ops, not the lean form")
     ap.add_argument("--order", choices=["step", "layer"], default="step", help="how the time steps are unrolled")
@@ -165,7 +176,10 @@ def main() -> None:
     ap.add_argument("--runtime", choices=[*RUNTIMES, "both"], default="onnxruntime",
                     help="the runtime(s) to time on (openvino: pip install 'snncompress[openvino]')")
     args = ap.parse_args()
+    if args.blocks:
+        args.round_to, args.runtime = ["1", "auto"], "both"
     runtimes = tuple(RUNTIMES) if args.runtime == "both" else (args.runtime,)
+    round_tos = list(dict.fromkeys(resolve_round_to(r if r == "auto" else int(r)) for r in args.round_to))
     try:
         for rt in runtimes:
             require_runtime(rt)  # before minutes of measuring: a missing runtime fails at once
@@ -174,11 +188,13 @@ def main() -> None:
     cores = os.cpu_count() or 1
     if args.quick:
         models, keeps, batches, threads = ["vgg16"], [0.25], [32], [cores]
+    elif args.blocks:
+        models, keeps, batches, threads = ["vgg16"], [0.25, 0.1], [32], [cores]
     else:
         models, keeps, batches, threads = list(MODELS), [0.75, 0.5, 0.25, 0.1], [1, 32], sorted({1, cores})
     gemm = {t: gemm_macs_per_s(t) for t in threads}
-    rows = [r for name in models for keep in keeps
-            for r in measure(name, keep, batches, threads, args.repeats, args.round_to, gemm, args.fold_bn,
+    rows = [r for name in models for keep in keeps for round_to in round_tos
+            for r in measure(name, keep, batches, threads, args.repeats, round_to, gemm, args.fold_bn,
                              not args.sj_neurons, args.ort_level, args.order, runtimes)]
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": cores,
                           "platform": platform.platform(), "torch": torch.__version__,
