@@ -7,7 +7,7 @@ the slim model with bench's counters:
     sops     slim SOPs on the test set (spikingjelly's SynOpCounter, as bench) / the dense SOPs the
              training measured (its reference, recorded in the checkpoint's history)
     latency  slim / dense-shaped median latency of the exported ONNX models on deploy.runtime at
-             deploy.batch_size, timed back to back (alternating calls, median of --repeats each)
+             deploy.batch_size, timed back to back (median of --repeats each)
 
 and report ``achieved / target`` (1.00 = on target). Also the accuracy, so units can be compared.
 
@@ -49,20 +49,6 @@ def recipe_for(model: str, unit: str, keep: float, epochs: int, seed: int) -> sc
     return sc.parse_recipe(base)
 
 
-def alternate(fns: list, repeats: int, warmup: int = 5) -> list[float]:
-    """Median milliseconds of each function, called in turn (so load changes hit all alike)."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for t, fn in zip(times, fns):
-            t0 = time.perf_counter()
-            fn()
-            t.append((time.perf_counter() - t0) * 1e3)
-    return [float(np.median(t)) for t in times]
-
-
 def measure(model: str, unit: str, keep: float, epochs: int, seed: int, repeats: int, work: Path) -> dict:
     recipe = recipe_for(model, unit, keep, epochs, seed)
     out = work / recipe.name
@@ -83,16 +69,17 @@ def measure(model: str, unit: str, keep: float, epochs: int, seed: int, repeats:
     row["achieved"] = {"macs": macs, "sops": stats["sops"] / budget["dense"] if unit == "sops" else None}
     row["accuracy"] = sc.evaluate(slim, data.x_test, data.y_test, T, enc)[1]
     if unit == "latency":
-        from snncompress.deploy import runtime_session
+        from snncompress.deploy import runtime_session, time_call, unrolled_onnx
 
         runtime, batch = recipe.deploy.runtime, recipe.deploy.batch_size
         x = graph_input(data.x_test[torch.arange(batch) % len(data.x_test)], T, enc).numpy()
-        sessions = []
-        for path in (res.ckpt, slim_path):
-            onnx_path = out / f"{Path(path).stem}.onnx"
-            sc.export_onnx(path, onnx_path)
-            sessions.append(runtime_session(runtime, str(onnx_path), recipe.deploy.threads, batch))
-        dense_ms, slim_ms = alternate([lambda s=s: s(x) for s in sessions], repeats)
+        # the graphs export writes (step order, lean neurons), unverified: a masked model can flip a spike at
+        # the threshold in step order and fail export's check, which says nothing about its speed
+        sessions = [runtime_session(runtime, unrolled_onnx(m, torch.from_numpy(x[:2]), T, enc).SerializeToString(),
+                                    recipe.deploy.threads, batch) for m in (dense, slim)]
+        # one after the other, not interleaved: an idle onnxruntime session's threads spin for a while after a
+        # call and would slow the other session down (measured: dense 15-19 ms interleaved, 9 ms alone)
+        dense_ms, slim_ms = (time_call(lambda s=s: s(x), 5, repeats)["median"] for s in sessions)
         row["achieved"]["latency"] = slim_ms / dense_ms
         row["latency_ms"] = {"dense": dense_ms, "slim": slim_ms, "runtime": runtime, "batch": batch,
                              "table_dense": budget["dense"]}

@@ -1,10 +1,12 @@
 """Per-layer latency tables measured on the deployment runtime, for ``prune.budget_unit: latency``.
 
 As HALP and NetAdapt do, each conv / linear layer is timed on its own at a grid of (input, output) channel
-counts, at the recipe's deploy batch size and threads, in the graph the export writes for one time step
-(the conv, then the neuron's compare and cast); the whole dense network is timed once, so the table's sum
-plus a fixed overhead (pooling, readout, layout changes) equals the dense latency. The counts are block
-multiples: runtimes compute whole channel blocks (``snncompress.prune.cost.channel_block``).
+counts (1, then multiples of the runtime's channel block, where its kernels change speed:
+``snncompress.prune.cost.channel_block``), at the recipe's deploy batch size and threads, in the graph the
+export writes for one time step (the conv, then the neuron's compare and cast), less the time of a call
+that does nothing with the same input (which the whole network pays once, not per layer and step). The
+whole dense network is timed once, and the tables are scaled so that their sum is its time
+(``CostModel.set_latency``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,16 @@ def layer_graph(layer: Layer, a: int, b: int, batch: int) -> bytes:
     nodes = [core, helper.make_node("Mul", ["y", "decay"], ["h"]),
              helper.make_node("GreaterOrEqual", ["h", "threshold"], ["fire"]),
              helper.make_node("Cast", ["fire"], ["s"], to=TensorProto.FLOAT)]
-    graph = helper.make_graph(nodes, layer.name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+    return _model(nodes, consts, shape, layer.name)
+
+
+def call_graph(shape: list[int]) -> bytes:
+    """ONNX bytes of a graph that only takes an input of ``shape`` back: the cost of a call itself."""
+    return _model([helper.make_node("Identity", ["x"], ["s"])], [], shape, "call")
+
+
+def _model(nodes: list, consts: list, shape: list[int], name: str) -> bytes:
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)], consts)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9).SerializeToString()
 
@@ -76,9 +87,13 @@ def measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, T: int, 
                 per = lay.in_shape[0] // lay.n_in if lay.kind == "linear" else 1
                 shape = (batch, a, *lay.in_shape[1:]) if lay.kind == "conv" else (batch, a * per)
                 spikes = (rng.random(shape) < 0.2).astype(np.float32)
-                ms.append([_time(deploy.runtime, layer_graph(lay, a, b, batch), spikes, threads) for b in grid_out])
+                # a call costs something by itself (the runtime's dispatch, the input copy), which the whole
+                # network pays once, not once per layer and step: it is taken off every entry
+                call = _time(deploy.runtime, call_graph(list(shape)), spikes, threads)
+                ms.append([max(0.0, _time(deploy.runtime, layer_graph(lay, a, b, batch), spikes, threads) - call)
+                           for b in grid_out])
                 bar.advance(task, len(grid_out))
-            tables[lay.name] = LatencyTable(grid_in, grid_out, ms, block)
+            tables[lay.name] = LatencyTable(grid_in, grid_out, ms)
         idx = torch.arange(batch) % len(x)
         inputs = graph_input(x[idx], T, encoding)
         order = "step" if steps_unroll_exactly(model, inputs[:2], T, encoding) else "layer"
