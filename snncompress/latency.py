@@ -1,8 +1,7 @@
 """Per-layer latency tables measured on the deployment runtime, for ``prune.budget_unit: latency``.
 
 As HALP and NetAdapt do, each conv / linear layer is timed on its own at a grid of (input, output) channel
-counts (1, then multiples of the runtime's channel block, where its kernels change speed:
-``snncompress.prune.cost.channel_block``), at the recipe's deploy batch size and threads, in the graph the
+counts (multiples of the runtime's channel block: ``snncompress.prune.cost.channel_block``), at the recipe's deploy batch size and threads, in the graph the
 export writes for one time step (the conv, then the neuron's compare and cast), less the time of a call
 that does nothing with the same input (which the whole network pays once, not per layer and step). The
 whole dense network is timed once, and the tables are scaled so that their sum is its time
@@ -93,7 +92,7 @@ def measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, T: int, 
                 ms.append([max(0.0, _time(deploy.runtime, layer_graph(lay, a, b, batch), spikes, threads) - call)
                            for b in grid_out])
                 bar.advance(task, len(grid_out))
-            tables[lay.name] = LatencyTable(grid_in, grid_out, ms)
+            tables[lay.name] = LatencyTable(grid_in, grid_out, ms, block)
         idx = torch.arange(batch) % len(x)
         inputs = graph_input(x[idx], T, encoding)
         order = "step" if steps_unroll_exactly(model, inputs[:2], T, encoding) else "layer"

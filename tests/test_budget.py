@@ -72,15 +72,14 @@ def test_sop_cost_weights_each_input_channel():
     assert cost.cost(masks) == 20 + 120 + 60
 
 
-def test_latency_table_interpolates_at_the_true_counts():
-    table = LatencyTable([1, 8, 16, 32], [8, 16], [[0.5, 1.0], [1.0, 2.0], [2.0, 4.0], [4.0, 8.0]])
-    assert table(8, 8) == 1.0 and table(32, 16) == 8.0
-    assert table(4.5, 8) == pytest.approx(0.75)  # half way from 1 to 8 input channels
-    assert table(24, 12) == pytest.approx((3.0 + 6.0) / 2)  # half way on both axes
+def test_latency_table_rounds_up_to_blocks_and_interpolates():
+    table = LatencyTable([8, 16, 32], [8, 16], [[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]], block=8)
+    assert table(3, 8) == table(8, 8) == 1.0  # 3 channels are computed as a block of 8
+    assert table(24, 8) == pytest.approx(3.0)  # half way from 16 to 32
+    assert table(20, 12) == pytest.approx(6.0)  # 24 and 16 after rounding: half way from 4.0 to 8.0
     assert table(0, 8) == 0.0 and table(64, 16) == 8.0  # nothing kept costs nothing; beyond the grid: its edge
     grid = table_grid(256, 8)
-    assert grid[0] == 1 and grid[1] == 8 and grid[-1] == 256 and len(grid) <= 8
-    assert all(n % 8 == 0 for n in grid[1:])
+    assert grid[0] == 8 and grid[-1] == 256 and len(grid) <= 8 and all(n % 8 == 0 for n in grid)
 
 
 def _tiny_model(model: dict, encoding: str = "direct"):

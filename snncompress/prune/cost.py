@@ -115,17 +115,16 @@ def model_layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGr
 
 
 class LatencyTable:
-    """Milliseconds of one layer in one time step, measured at a grid of (input, output) channel counts and
-    interpolated bilinearly at the true counts in between.
+    """Milliseconds of one layer in one time step, measured at a grid of (input, output) channel counts.
 
-    Not rounded up to the runtime's channel block: a conv alone does compute whole blocks, but the whole
-    network pays for every channel (the neurons' element-wise ops, pooling), and a table read at block
-    multiples kept the slim ResNet-19/4 at 16 channels a group, 1.2-2.6x over latency targets of 0.25
-    and 0.1 that exact counts meet (docs/methods.md, "Channel blocks").
+    Runtimes compute a conv's channels in whole blocks (docs/methods.md, "Channel blocks"), so a count is
+    first rounded up to the block it was measured with; between grid points the time is interpolated
+    bilinearly. (Read at the true counts from a grid that starts at 1 channel, the slim models ran at
+    1.5-2.4x their latency targets: a conv of 1 channel is no guide to one of 8.)
     """
 
-    def __init__(self, grid_in: list[int], grid_out: list[int], ms: list[list[float]]):
-        self.grid_in, self.grid_out, self.ms = grid_in, grid_out, ms
+    def __init__(self, grid_in: list[int], grid_out: list[int], ms: list[list[float]], block: int):
+        self.grid_in, self.grid_out, self.ms, self.block = grid_in, grid_out, ms, block
 
     def __call__(self, a: float, b: float) -> float:
         if a <= 0 or b <= 0:
@@ -135,23 +134,22 @@ class LatencyTable:
         m, i1, j1 = self.ms, min(i + 1, len(self.grid_in) - 1), min(j + 1, len(self.grid_out) - 1)
         return (1 - wi) * ((1 - wj) * m[i][j] + wj * m[i][j1]) + wi * ((1 - wj) * m[i1][j] + wj * m[i1][j1])
 
-    @staticmethod
-    def _locate(grid: list[int], n: float) -> tuple[int, float]:
-        """(index, weight) of ``n`` between two grid points (clamped to the grid)."""
-        n = min(grid[-1], max(grid[0], n))
+    def _locate(self, grid: list[int], n: float) -> tuple[int, float]:
+        """(index, weight) of ``n`` (rounded up to the block) between two grid points (clamped to the grid)."""
+        n = min(grid[-1], max(grid[0], math.ceil(n / self.block - 1e-9) * self.block))
         if len(grid) == 1:
             return 0, 0.0
         k = min(len(grid) - 2, max(0, bisect.bisect_right(grid, n) - 1))
         return k, (n - grid[k]) / (grid[k + 1] - grid[k])
 
     def to_dict(self) -> dict:
-        return {"grid_in": self.grid_in, "grid_out": self.grid_out, "ms": self.ms}
+        return {"grid_in": self.grid_in, "grid_out": self.grid_out, "ms": self.ms, "block": self.block}
 
 
 def table_grid(size: int, block: int, points: int = 8) -> list[int]:
-    """Channel counts a latency table is measured at: 1, then multiples of the runtime's channel block
-    (where its kernels change speed), about geometric, always including ``size``; at most ``points``."""
-    grid, n = {1}, max(1, block)
+    """Channel counts a latency table is measured at: block multiples, dense at small counts (where
+    rounding matters most), about geometric above, always including ``size``; at most ``points``."""
+    grid, n = set(), max(1, block)
     while n < size:
         grid.add(n)
         n = max(n + block, ceil_to(int(n * 1.6), block, size))
