@@ -10,6 +10,7 @@ whole dense network is timed once, and the tables are scaled so that their sum i
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -71,6 +72,7 @@ def measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, T: int, 
     """``(tables, dense_ms)``: every layer's table and the dense network's median latency (ms per batch)
     on ``deploy.runtime`` at ``deploy.batch_size``, from dataset samples ``x`` (repeated to fill a batch)."""
     require_runtime(deploy.runtime)
+    model = copy.deepcopy(model).cpu()  # the runtimes are CPU ones, whatever device trains the model
     block, batch, threads = channel_block(), deploy.batch_size, deploy.threads
     rng = np.random.default_rng(0)
     grids = {lay.name: (table_grid(lay.n_in, block) if lay.in_group else [lay.n_in],
