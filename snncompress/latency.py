@@ -1,11 +1,11 @@
 """Per-layer latency tables measured on the deployment runtime, for ``prune.budget_unit: latency``.
 
 As HALP and NetAdapt do, each conv / linear layer is timed on its own at a grid of (input, output) channel
-counts (multiples of the runtime's channel block: ``snncompress.prune.cost.channel_block``), at the recipe's deploy batch size and threads, in the graph the
-export writes for one time step (the conv, then the neuron's compare and cast), less the time of a call
-that does nothing with the same input (which the whole network pays once, not per layer and step). The
-whole dense network is timed once, and the tables are scaled so that their sum is its time
-(``CostModel.set_latency``).
+counts (multiples of the runtime's channel block: ``snncompress.prune.cost.channel_block``), at the
+recipe's deploy batch size and threads, in the graph the export writes for one time step (the conv, then
+the neuron's compare and cast), less the time of a call that does nothing with the same input (which the
+whole network pays once, not per layer and step). The whole dense network is timed once, and the tables
+are scaled so that their sum is its time (``CostModel.set_latency``).
 """
 
 from __future__ import annotations

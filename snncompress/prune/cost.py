@@ -437,6 +437,7 @@ class SopMeter:
         self._handles = []
 
 
-def build_cost(model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor, unit: str, T: int) -> CostModel | None:
+def build_cost(model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor, unit: str,
+               T: int) -> CostModel | None:
     """The cost model of ``prune.budget_unit`` (None for ``channels``: the count is the cost)."""
     return None if unit == "channels" else CostModel(unit, model_layers(model, example, groups), groups, T)

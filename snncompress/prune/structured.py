@@ -125,7 +125,8 @@ class ChannelPruner:
         cost.absorb(old)
         target = keep * cost.dense
         if c.budget == "pq":
-            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
+            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma,
+                                            c.pq_beta, old)
 
             def pick(scale: float) -> dict[str, torch.Tensor]:
                 counts = {n: int(x + 1e-9) for n, x in zip(scores, pq_shares(scale, sizes, lo, raw))}
