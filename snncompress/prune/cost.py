@@ -31,7 +31,6 @@ import torch.nn as nn
 from ..errors import SnnCompressError
 from .gates import ChannelGroup
 from .scorer import model_device
-from .select import top_k
 
 COST_UNITS = ("macs", "sops", "latency")
 
