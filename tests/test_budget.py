@@ -51,16 +51,20 @@ def test_rounding_counts_whole_blocks():
     assert resolve_round_to(8) == 8 and resolve_round_to("auto") == channel_block() in (1, 8, 16)
 
 
-def test_selection_keeps_the_best_channels_that_fit():
+# the channel ranking's prefixes, then the fill. 2000: floors a0, b0 cost 576 + 288 + 80 = 944; + b1 (+368)
+# and b2 (+368) fit; + b3 would reach 2048, and in the fill b3, b4 (+368) and a1 (+576 +864) do not fit.
+# 1600, a ranked first: after the floors, a1 costs 576 + 288 = 864 (1808 > 1600): the prefix stops there;
+# the fill passes a1 over and takes the cheaper b1 (288 + 80 = 368: 1312); b2 would make 1680
+@pytest.mark.parametrize("a_scores, budget, b_kept, total", [([4.0, 3, 2, 1], 2000, 3, 1680),
+                                                             ([10.0, 9.5, 2, 1], 1600, 2, 1312)])
+def test_selection_keeps_the_ranking_that_fits_then_fills_with_cheaper_channels(a_scores, budget, b_kept, total):
     cost = CostModel("macs", LAYERS, GROUPS, T)
-    scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
-    # the channel ranking's prefixes: floors a0, b0 cost 576 + 288 + 80 = 944; + b1 (+368) and b2 (+368) fit
-    # in 2000; + b3 would reach 2048. Then the fill: b3, b4 (+368) and a1 (+576 +864) do not fit: passed over
+    scores = {"a": torch.tensor(a_scores), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
     grow = {n: torch.zeros_like(s) for n, s in scores.items()}
-    masks = cost.select(lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1), 2000, scores)
+    masks = cost.select(lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1), budget, scores)
     assert masks["a"].tolist() == [True, False, False, False]
-    assert masks["b"].tolist() == [True, True, True, False, False, False]
-    assert cost.cost(masks) == 1680
+    assert masks["b"].tolist() == [i < b_kept for i in range(6)]
+    assert cost.cost(masks) == total
 
 
 def test_sop_cost_weights_each_input_channel():
@@ -167,15 +171,3 @@ def test_a_latency_budget_on_a_runtime_not_installed_is_one_line_before_anything
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [f"error: runtime openvino is not installed; install the extra: {EXTRA}"]
     assert not (tmp_path / "out").exists()
-
-
-def test_the_fill_takes_cheaper_channels_after_one_that_does_not_fit():
-    cost = CostModel("macs", LAYERS, GROUPS, T)
-    scores = {"a": torch.tensor([10.0, 9.5, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
-    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
-    # floors a0, b0: 944; the ranking's next channel, a1, costs 576 + 288 = 864 (1808 > 1600): the prefix
-    # stops there. The fill passes a1 over and takes b1 (288 + 80 = 368: 1312); b2 would make 1680
-    masks = cost.select(lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1), 1600, scores)
-    assert masks["a"].tolist() == [True, False, False, False]
-    assert masks["b"].tolist() == [True, True, False, False, False, False]
-    assert cost.cost(masks) == 1312
