@@ -96,7 +96,6 @@ SLOW = {
     "test_run_from_trained_weights_through_slim_export_and_bench",
     "test_training_on_frames_is_the_same_with_dataloader_workers",
     "test_resume_mid_ramp_with_a_sop_budget_is_bitwise_identical", "test_cost_budgets_agree_across_processes",
-    "test_auto_unrolling_falls_back_to_layer_order_when_the_step_graph_disagrees",
 }
 
 

@@ -84,9 +84,7 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     step, same spikes); ``order`` is how the time steps are unrolled (see :class:`~snncompress.deploy.UnrolledSNN`):
     ``auto`` takes ``step`` unless the model cannot be run step by step (its forward fails in single-step
     mode, or its readout is not the mean over the steps: checked in PyTorch before exporting), then
-    ``layer``; it also takes ``layer`` when the step-order graph fails the verification (onnxruntime's
-    Conv+BatchNorm fusion can flip a spike at the threshold). An order asked for explicitly is never
-    changed. The verification always compares
+    ``layer``; a failed verification is never retried in another order. The verification always compares
     with the original spikingjelly model. ``int8`` also writes ``<out>.int8.onnx`` (int8 weights, see
     :func:`quantize_int8`) and reports its accuracy.
     ``trust_factory``: see :func:`snncompress.load_model`.
@@ -114,16 +112,7 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     used = order
     if order == "auto":
         used = "step" if steps_unroll_exactly(model, graph_input(data.x_test[:8], T, enc), T, enc) else "layer"
-    try:
-        proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
-    except VerificationError:
-        if order != "auto" or used != "step":
-            raise
-        # in step order onnxruntime fuses each BatchNorm into its conv, which rounds differently: a membrane
-        # potential at the threshold can flip a spike (the quickstart's model: max |Δlogit| 0.02, same
-        # predictions). Layer order keeps the arithmetic as trained.
-        used = "layer"
-        proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
+    proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
     direct = meta["encoding"] == "direct"
     props = {"format": ONNX_FORMAT, "snncompress_version": __version__, "T": str(meta["T"]),
              "encoding": meta["encoding"],
