@@ -87,3 +87,22 @@ def test_step_unrolled_graph_has_no_per_layer_split_and_the_same_logits(name, en
     assert ops["step"].count("Concat") <= 1 and ops["step"].count("Split") <= (encoding != "direct")
     with pytest.raises(ValueError, match="allowed: step, layer"):
         UnrolledSNN(model, 2, encoding, "time")
+
+
+def test_runtime_agreement_tolerates_a_spike_flipped_at_the_threshold_but_not_a_wrong_graph():
+    import numpy as np
+
+    from snncompress.evaluation import runtime_agreement
+
+    ref = np.tile(np.array([[2.0, 1.0, 0.0]], dtype=np.float32), (200, 1))
+    one_flip = ref.copy()
+    one_flip[7, 1] += 0.25  # one sample: a flipped spike moves its logits by that spike's weight
+    assert runtime_agreement(one_flip, ref) == {"samples": 200, "max_abs_diff": 0.25, "same_predictions": True,
+                                                "agreement": 1.0, "samples_off": 1, "ok": True}
+    three = ref.copy()
+    three[:3, 1] += 0.25  # more than 1 % of the samples: not float rounding
+    assert not runtime_agreement(three, ref)["ok"]
+    changed = one_flip.copy()
+    changed[7, 1] += 2.0  # a changed prediction is never tolerated
+    assert not runtime_agreement(changed, ref)["ok"]
+    assert not runtime_agreement(ref + 1e-3, ref)["ok"]  # every sample off: a wrong graph

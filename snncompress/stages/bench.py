@@ -25,7 +25,7 @@ from ..data import encode, eval_batches, load_dataset
 from ..deploy import (exported_from, read_onnx_metadata, require_runtime, run_session, runtime_options,
                       runtime_session, runtime_version, time_call)
 from ..errors import SnnCompressError, VerificationError
-from ..evaluation import TOLERANCE, evaluate
+from ..evaluation import evaluate, runtime_agreement
 from ..layout import RunLayout
 from ..metrics import PJ_PER_AC, PJ_PER_MAC, count_macs, count_params, spike_stats, weight_counts
 from ..neuromorphic import nir_exported_from
@@ -84,20 +84,20 @@ def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings,
 def verified_logits(path: Path, reference: np.ndarray, x: torch.Tensor, T: int, encoding: str,
                     settings: BenchSettings) -> tuple[np.ndarray, dict]:
     """The runtime's logits of the ONNX file on the test set, checked against PyTorch's as the export checks
-    onnxruntime's: the same predictions and max |Δlogit| <= TOLERANCE, else :class:`VerificationError`.
+    onnxruntime's (:func:`~snncompress.evaluation.runtime_agreement`), else :class:`VerificationError`.
 
     A file exported with BatchNorm folded or int8 weights computes a different function by design: its
     agreement is reported, not enforced."""
     logits = run_session(runtime_session(settings.runtime, path, settings.threads), x, T, encoding)
-    diff = float(np.abs(logits - reference).max())
-    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    check = runtime_agreement(logits, reference)
     props = read_onnx_metadata(path)
     exact_export = props.get("bn_folded", "False") != "True" and props.get("int8_weights", "False") != "True"
-    if exact_export and (agreement < 1 or diff > TOLERANCE):
-        raise VerificationError(f"{settings.runtime} disagrees with PyTorch on {path} (max |Δlogit| {diff:.3g}, "
-                                f"same predictions: {agreement == 1}); nothing written")
-    return logits, {"runtime": settings.runtime, "samples": len(logits), "max_abs_diff": diff,
-                    "agreement": agreement, "enforced": exact_export}
+    if exact_export and not check["ok"]:
+        raise VerificationError(f"{settings.runtime} disagrees with PyTorch on {path} (max |Δlogit| "
+                                f"{check['max_abs_diff']:.3g} in {check['samples_off']} of {check['samples']} "
+                                f"samples, same predictions: {check['same_predictions']}); nothing written")
+    return logits, {"runtime": settings.runtime, "samples": check["samples"], "max_abs_diff": check["max_abs_diff"],
+                    "samples_off": check["samples_off"], "agreement": check["agreement"], "enforced": exact_export}
 
 
 def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust_factory: bool = False,
