@@ -270,18 +270,15 @@ class CostModel:
         not fit is passed over, and cheaper ones after it may still fit. A channel that costs nothing more
         (it fills a channel block the runtime computes anyway) is always kept.
         """
-        def fits(x: float) -> bool:
-            return self.cost(pick(x)) <= budget + 1e-9 * abs(budget)
-
-        def everything(x: float) -> bool:
-            return all(bool(m.all()) for m in pick(x).values())
+        def fits(masks: dict[str, torch.Tensor]) -> bool:
+            return self.cost(masks) <= budget + 1e-9 * abs(budget)
 
         lo, hi = 0.0, 1.0
-        while fits(hi) and not everything(hi):
+        while fits(masks := pick(hi)) and not all(bool(m.all()) for m in masks.values()):
             lo, hi = hi, hi * 2
         for _ in range(40):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            lo, hi = (mid, hi) if fits(pick(mid)) else (lo, mid)
         sel = _Selection(self, pick(lo))
         for g, i in _ranked(scores, sel.masks):
             total, now = sel.total_if(g, i), sel.total()

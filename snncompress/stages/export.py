@@ -37,6 +37,15 @@ class ExportResult:
     int8: dict | None = None  # with int8: {path, accuracy_fp32, accuracy_int8, agreement}
 
 
+def _source(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None, suffix: str,
+            trust_factory: bool) -> tuple[Path, Path, dict, nn.Module]:
+    """``(checkpoint path, output path (default: the checkpoint's with suffix), checkpoint, model)`` of an export."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    return (ckpt_path, Path(out_path) if out_path else ckpt_path.with_suffix(suffix), ckpt,
+            model_from_checkpoint(ckpt, str(ckpt_path), trust_factory))
+
+
 def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:
     """int8 weights, activations quantised per call (onnxruntime dynamic quantisation).
 
@@ -92,10 +101,7 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     """
     if order not in ("auto", *UNROLL_ORDERS):
         raise SnnCompressError(f"unroll order {order!r}: allowed auto, {', '.join(UNROLL_ORDERS)}")
-    ckpt_path = Path(ckpt_path)
-    out_path = Path(out_path) if out_path else ckpt_path.with_suffix(".onnx")
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
+    ckpt_path, out_path, ckpt, model = _source(ckpt_path, out_path, ".onnx", trust_factory)
     meta = ckpt["data"]
     T, enc = meta["T"], meta["encoding"]
     recipe = recipe_of(ckpt)
@@ -189,10 +195,7 @@ def export_nir(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None 
                                 nir_metadata, node_counts, read_nir, simulate, to_nir_graph)
 
     t0 = time.perf_counter()
-    ckpt_path = Path(ckpt_path)
-    out_path = Path(out_path) if out_path else ckpt_path.with_suffix(".nir")
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
+    ckpt_path, out_path, ckpt, model = _source(ckpt_path, out_path, ".nir", trust_factory)
     meta = ckpt["data"]
     T, enc = meta["T"], meta["encoding"]
     example = torch.zeros(2, *meta["input_shape"])  # one time step, whatever the encoding
