@@ -77,6 +77,12 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
     last = res.metrics[-1]
     console.print(f"test accuracy {last['test_acc']:.4f}, kept channels {last['kept_channels']:.3f}; "
                   f"wrote {res.ckpt}, {res.best}, {res.out_dir / 'metrics.jsonl'}")
+    if b := res.budget:
+        console.print(f"budget: the masks cost {b['selected'] / b['dense']:.1%} of the dense model's {b['unit']} "
+                      f"(target {b['target'] / b['dense']:.1%})")
+        if b["selected"] > b["target"] * (1 + 1e-6):
+            console.print("  the target is below the smallest network the method keeps (prune.min_channels per "
+                          "group, counted in whole channel blocks for latency); that network was kept")
 
 
 @app.command("slim")

@@ -67,6 +67,21 @@ def test_selection_keeps_the_ranking_that_fits_then_fills_with_cheaper_channels(
     assert cost.cost(masks) == total
 
 
+def test_the_ramp_schedules_channels_and_budgets_what_they_cost():
+    cost = CostModel("macs", LAYERS, GROUPS, T)
+    scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
+    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
+
+    def pick(x):
+        return select_masks(scores, grow, min(1.0, x), 0.0, 1)
+
+    # at 2000 the selection keeps 4 of the 10 channels (a0; b0-b2, as above); half way through the ramp
+    # 4 + 6 / 2 = 7 channels: the ranking's a0, b0-b4, a1 cost 2x2x288 + 2x5x288 + 5x10x8
+    assert cost.ramp_budget(pick, 2000, scores, 0.5) == 1152 + 2880 + 400
+    assert cost.ramp_budget(pick, 2000, scores, 0.0) == 2000
+    assert cost.ramp_budget(pick, 2000, scores, 1.0) == cost.dense
+
+
 def test_sop_cost_weights_each_input_channel():
     cost = CostModel("sops", LAYERS, GROUPS, T)
     cost.weights = {"conv1": torch.tensor([5.0, 5.0]), "conv2": torch.tensor([10.0, 20, 30, 40]),
@@ -84,6 +99,33 @@ def test_latency_table_rounds_up_to_blocks_and_interpolates():
     assert table(0, 8) == 0.0 and table(64, 16) == 8.0  # nothing kept costs nothing; beyond the grid: its edge
     grid = table_grid(256, 8)
     assert grid[0] == 8 and grid[-1] == 256 and len(grid) <= 8 and all(n % 8 == 0 for n in grid)
+
+
+def _product_tables() -> dict[str, LatencyTable]:
+    """Tables of a * b / 1000 ms (bilinear interpolation between the grid's ends is exact for a product)."""
+    def table(grid_in, grid_out):
+        return LatencyTable(grid_in, grid_out, [[a * b / 1000 for b in grid_out] for a in grid_in], block=1)
+    return {"conv1": table([2], [1, 4]), "conv2": table([1, 4], [1, 6]), "fc": table([1, 6], [10])}
+
+
+@pytest.mark.parametrize("offset", [5.0, 0.0])
+def test_latency_is_calibrated_on_whole_networks_as_scale_times_layers_plus_a_fixed_time(offset):
+    cost = CostModel("latency", LAYERS, GROUPS, T)
+
+    def layers_ms(a, b):  # the tables' sum over all T steps, by hand
+        return T * (2 * a + a * b + b * 10) / 1000
+
+    def network_ms(a, b):  # what the runtime "measured"
+        return 3 * layers_ms(a, b) + offset
+
+    calibration = [({"a": 2, "b": 3}, network_ms(2, 3)), ({"a": 1, "b": 1}, network_ms(1, 1))]
+    cost.set_latency(_product_tables(), network_ms(4, 6), calibration)
+    assert cost.scale == pytest.approx(3) and cost.offset == pytest.approx(offset, abs=1e-9)
+    assert cost.dense == network_ms(4, 6)
+    assert cost.cost(_masks([1, 1, 1, 0], [1, 1, 0, 0, 0, 0])) == pytest.approx(network_ms(3, 2))
+    # slim networks faster than in proportion would need a negative fixed time: in proportion, then
+    cost.set_latency(_product_tables(), 3 * layers_ms(4, 6), [({"a": 1, "b": 1}, 1.5 * layers_ms(1, 1))])
+    assert cost.offset == 0.0 and 1.5 < cost.scale < 3
 
 
 def _tiny_model(model: dict, encoding: str = "direct"):

@@ -123,7 +123,7 @@ class ChannelPruner:
                 new = select_masks(scores, grow, keep, c.regrow * keep / c.keep, c.min_channels)
             return (round_masks(new, scores, self.round_to) if self.round_to > 1 else new), None
         cost.absorb(old)
-        target = keep * cost.dense
+        final = c.keep * cost.dense
         if c.budget == "pq":
             sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma,
                                             c.pq_beta, old)
@@ -134,6 +134,7 @@ class ChannelPruner:
         else:
             def pick(fraction: float) -> dict[str, torch.Tensor]:
                 return select_masks(scores, grow, min(1.0, fraction), c.regrow * fraction / c.keep, c.min_channels)
+        target = cost.ramp_budget(pick, final, scores, (keep - c.keep) / (1 - c.keep) if c.keep < 1 else 0.0)
         new = cost.select(pick, target, scores)
         selected = cost.cost(new)  # rounding up below adds what this already counts
         if self.round_to > 1:

@@ -44,6 +44,7 @@ class TrainResult:
     ckpt: Path  # last epoch
     best: Path  # best test accuracy among epochs at the final budget
     metrics: list[dict]
+    budget: dict | None = None  # a cost unit's last update: {unit, dense, target, selected, round_to}
 
 
 def seed_everything(seed: int) -> None:
@@ -285,7 +286,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     if main and not best_path.exists():  # e.g. a schedule that never reached its target
         save_torch(load_checkpoint(ckpt_path), best_path)
     distributed.barrier()  # every rank returns once rank 0's files are complete
-    return TrainResult(out_dir, ckpt_path, best_path, metrics)
+    budget = next((h["budget"] for h in reversed(_history(pruner)) if "budget" in h), None)
+    return TrainResult(out_dir, ckpt_path, best_path, metrics, budget)
 
 
 def _measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, recipe: Recipe, show: bool) -> None:
@@ -296,8 +298,8 @@ def _measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, recipe:
     text = ""
     if distributed.is_main():
         with torch.no_grad():
-            tables, dense_ms = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show)
-        text = tables_to_text(tables, dense_ms)
+            measured = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show)
+        text = tables_to_text(*measured)
     cost.set_latency(*tables_from_text(distributed.broadcast_text(text)))
 
 
