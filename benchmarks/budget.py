@@ -7,7 +7,7 @@ the slim model with bench's counters:
     sops     slim SOPs on the test set (spikingjelly's SynOpCounter, as bench) / the dense SOPs the
              training measured (its reference, recorded in the checkpoint's history)
     latency  slim / dense-shaped median latency of the exported ONNX models on deploy.runtime at
-             deploy.batch_size, timed back to back (median of --repeats each)
+             deploy.batch_size, timed back to back (median of --repeats each) in 5 rounds: the median ratio
 
 and report ``achieved / target`` (1.00 = on target). Also the accuracy, so units can be compared.
 
@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import snncompress as sc
@@ -31,6 +32,7 @@ from snncompress.data import encode, graph_input, load_dataset
 from snncompress.metrics import count_macs, spike_stats
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 5  # latency: rounds of dense then slim
 MODELS = {
     "vgg-quickstart": {"name": "vgg", "layers": [64, 128, "M", 256, "M", 256]},
     "resnet19-w0.25": {"name": "resnet19", "width": 0.25},
@@ -76,12 +78,14 @@ def measure(model: str, unit: str, keep: float, epochs: int, seed: int, repeats:
         # the threshold in step order and fail export's check, which says nothing about its speed
         sessions = [runtime_session(runtime, unrolled_onnx(m, torch.from_numpy(x[:2]), T, enc).SerializeToString(),
                                     recipe.deploy.threads, batch) for m in (dense, slim)]
-        # one after the other, not interleaved: an idle onnxruntime session's threads spin for a while after a
-        # call and would slow the other session down (measured: dense 15-19 ms interleaved, 9 ms alone)
-        dense_ms, slim_ms = (time_call(lambda s=s: s(x), 5, repeats)["median"] for s in sessions)
-        row["achieved"]["latency"] = slim_ms / dense_ms
-        row["latency_ms"] = {"dense": dense_ms, "slim": slim_ms, "runtime": runtime, "batch": batch,
-                             "table_dense": budget["dense"]}
+        # in rounds of `repeats` calls of each, dense then slim, and the median of the rounds' ratios: the
+        # machine's load drifts (one run measured the dense model at 10.8 ms, the next at 8.8). Not call by
+        # call: an idle onnxruntime session's threads spin for a while after a call and slow the other down
+        rounds = [[time_call(lambda s=s: s(x), 5, repeats)["median"] for s in sessions] for _ in range(ROUNDS)]
+        row["achieved"]["latency"] = float(np.median([s / d for d, s in rounds]))
+        row["latency_ms"] = {"dense": float(np.median([d for d, _ in rounds])),
+                             "slim": float(np.median([s for _, s in rounds])), "runtime": runtime, "batch": batch,
+                             "rounds": ROUNDS, "table_dense": budget["dense"]}
     row["on_target"] = row["achieved"][unit] / keep
     return row
 

@@ -4,15 +4,14 @@ As HALP and NetAdapt do, each conv / linear layer is timed on its own at a grid 
 counts (multiples of the runtime's channel block: ``snncompress.prune.cost.channel_block``), at the
 recipe's deploy batch size and threads, in the graph the export writes for one time step (the conv, then
 the neuron's compare and cast), less the time of a call that does nothing with the same input (which the
-whole network pays once, not per layer and step). The dense network and slim copies of it are timed
-whole, and the tables are calibrated on them (``CostModel.set_latency``).
+whole network pays once, not per layer and step). The whole dense network is timed once, and the tables
+are scaled so that their sum is its time (``CostModel.set_latency``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import torch
@@ -24,10 +23,8 @@ from .config import DeployCfg
 from .data import graph_input
 from .deploy import require_runtime, runtime_session, steps_unroll_exactly, time_call, unrolled_onnx
 from .prune.cost import CostModel, Layer, LatencyTable, channel_block, table_grid
-from .prune.surgery import slim
 
-WARMUP, REPEATS = 3, 9  # per grid point: the median of 9 calls; a whole network: of 21
-CALIBRATION = (0.5, 0.25, 0.1)  # the kept fractions of the slim networks the tables are calibrated on
+WARMUP, REPEATS = 3, 9  # per grid point: the median of 9 calls; the dense network: of 21
 OPSET = 17
 
 
@@ -71,11 +68,9 @@ def _time(runtime: str, model: bytes, x: np.ndarray, threads: int | None, repeat
 
 
 def measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, T: int, encoding: str, deploy: DeployCfg,
-                    show: bool = False) -> tuple[dict[str, LatencyTable], float, list[tuple[dict[str, int], float]]]:
-    """``(tables, dense_ms, calibration)``: every layer's table, the dense network's median latency (ms per
-    batch) and that of slim copies of it keeping ``CALIBRATION`` of every group's channels ((kept per group,
-    ms) each; see ``CostModel.set_latency``), on ``deploy.runtime`` at ``deploy.batch_size``, from dataset
-    samples ``x`` (repeated to fill a batch)."""
+                    show: bool = False) -> tuple[dict[str, LatencyTable], float]:
+    """``(tables, dense_ms)``: every layer's table and the dense network's median latency (ms per batch)
+    on ``deploy.runtime`` at ``deploy.batch_size``, from dataset samples ``x`` (repeated to fill a batch)."""
     require_runtime(deploy.runtime)
     model = copy.deepcopy(model).cpu()  # the runtimes are CPU ones, whatever device trains the model
     block, batch, threads = channel_block(), deploy.batch_size, deploy.threads
@@ -85,7 +80,7 @@ def measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, T: int, 
     tables = {}
     with Progress(transient=True, disable=not show) as bar:
         task = bar.add_task(f"latency table on {deploy.runtime}, batch {batch}",
-                            total=sum(len(i) * len(o) for i, o in grids.values()) + 1 + len(CALIBRATION))
+                            total=sum(len(i) * len(o) for i, o in grids.values()) + 1)
         for lay in cost.layers:
             grid_in, grid_out = grids[lay.name]
             ms = []
@@ -100,35 +95,19 @@ def measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, T: int, 
                            for b in grid_out])
                 bar.advance(task, len(grid_out))
             tables[lay.name] = LatencyTable(grid_in, grid_out, ms, block)
-        inputs = graph_input(x[torch.arange(batch) % len(x)], T, encoding)
-        example = torch.zeros(T, 2, *x.shape[1:])
-
-        def network_ms(net: nn.Module) -> float:
-            order = "step" if steps_unroll_exactly(net, inputs[:2], T, encoding) else "layer"
-            proto = unrolled_onnx(net, inputs[:2], T, encoding, order=order)
-            bar.advance(task)
-            return _time(deploy.runtime, proto.SerializeToString(), inputs.numpy(), threads, repeats=21)
-
-        # the dense model as bench times it (its gates open), slim ones as slim cuts them (first channels kept)
-        dense_ms = network_ms(model)
-        calibration = []
-        for f in CALIBRATION:
-            counts = {g: max(1, math.ceil(f * n)) for g, n in cost.sizes.items()}
-            kept = {g: torch.arange(n) < counts[g] for g, n in cost.sizes.items()}
-            with torch.enable_grad():  # Torch-Pruning traces its dependency graph with autograd
-                net = slim(model, kept, example)
-            calibration.append((counts, network_ms(net)))
-    return tables, dense_ms, calibration
+        idx = torch.arange(batch) % len(x)
+        inputs = graph_input(x[idx], T, encoding)
+        order = "step" if steps_unroll_exactly(model, inputs[:2], T, encoding) else "layer"
+        proto = unrolled_onnx(model, inputs[:2], T, encoding, order=order)
+        dense_ms = _time(deploy.runtime, proto.SerializeToString(), inputs.numpy(), threads, repeats=21)
+        bar.advance(task)
+    return tables, dense_ms
 
 
-def tables_to_text(tables: dict[str, LatencyTable], dense_ms: float,
-                   calibration: list[tuple[dict[str, int], float]]) -> str:
-    return json.dumps({"dense_ms": dense_ms, "tables": {n: t.to_dict() for n, t in tables.items()},
-                       "calibration": calibration})
+def tables_to_text(tables: dict[str, LatencyTable], dense_ms: float) -> str:
+    return json.dumps({"dense_ms": dense_ms, "tables": {n: t.to_dict() for n, t in tables.items()}})
 
 
-def tables_from_text(text: str) -> tuple[dict[str, LatencyTable], float, list[tuple[dict[str, int], float]]]:
-    """What :func:`tables_to_text` wrote, as the arguments of ``CostModel.set_latency``."""
+def tables_from_text(text: str) -> tuple[dict[str, LatencyTable], float]:
     data = json.loads(text)
-    return ({n: LatencyTable(**t) for n, t in data["tables"].items()}, data["dense_ms"],
-            [(counts, ms) for counts, ms in data["calibration"]])
+    return {n: LatencyTable(**t) for n, t in data["tables"].items()}, data["dense_ms"]

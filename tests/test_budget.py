@@ -101,33 +101,6 @@ def test_latency_table_rounds_up_to_blocks_and_interpolates():
     assert grid[0] == 8 and grid[-1] == 256 and len(grid) <= 8 and all(n % 8 == 0 for n in grid)
 
 
-def _product_tables() -> dict[str, LatencyTable]:
-    """Tables of a * b / 1000 ms (bilinear interpolation between the grid's ends is exact for a product)."""
-    def table(grid_in, grid_out):
-        return LatencyTable(grid_in, grid_out, [[a * b / 1000 for b in grid_out] for a in grid_in], block=1)
-    return {"conv1": table([2], [1, 4]), "conv2": table([1, 4], [1, 6]), "fc": table([1, 6], [10])}
-
-
-@pytest.mark.parametrize("offset", [5.0, 0.0])
-def test_latency_is_calibrated_on_whole_networks_as_scale_times_layers_plus_a_fixed_time(offset):
-    cost = CostModel("latency", LAYERS, GROUPS, T)
-
-    def layers_ms(a, b):  # the tables' sum over all T steps, by hand
-        return T * (2 * a + a * b + b * 10) / 1000
-
-    def network_ms(a, b):  # what the runtime "measured"
-        return 3 * layers_ms(a, b) + offset
-
-    calibration = [({"a": 2, "b": 3}, network_ms(2, 3)), ({"a": 1, "b": 1}, network_ms(1, 1))]
-    cost.set_latency(_product_tables(), network_ms(4, 6), calibration)
-    assert cost.scale == pytest.approx(3) and cost.offset == pytest.approx(offset, abs=1e-9)
-    assert cost.dense == network_ms(4, 6)
-    assert cost.cost(_masks([1, 1, 1, 0], [1, 1, 0, 0, 0, 0])) == pytest.approx(network_ms(3, 2))
-    # slim networks faster than in proportion would need a negative fixed time: in proportion, then
-    cost.set_latency(_product_tables(), 3 * layers_ms(4, 6), [({"a": 1, "b": 1}, 1.5 * layers_ms(1, 1))])
-    assert cost.offset == 0.0 and 1.5 < cost.scale < 3
-
-
 def _tiny_model(model: dict, encoding: str = "direct"):
     recipe = parse_recipe({"model": model, "data": {"name": "digits", "T": 2, "encoding": encoding}})
     data = load_dataset(recipe.data, 0)
@@ -188,6 +161,16 @@ def test_training_reaches_the_budget_in_its_unit(unit, tmp_path):
         data = load_dataset(recipe.data, 0)
         assert count_macs(model, encode(data.x_test[:1], 2, "direct")) == budget["selected"]
         assert slim.equivalence.ok
+
+
+def test_train_says_what_the_masks_cost_and_when_the_budget_is_below_the_smallest_network(tmp_path):
+    prune = {**BUDGET["prune"], "budget_unit": "macs", "regrow": 0.0, "ramp_epochs": 1, "min_channels": 4}
+    for keep, below in ((0.3, False), (0.02, True)):  # 4 channels in each group cost 3 % of the dense MACs
+        recipe = write_recipe(tmp_path / f"{keep}.yaml", {**BUDGET, "train": {**BUDGET["train"], "epochs": 3},
+                                                          "prune": {**prune, "keep": keep}})
+        r = cli("train", recipe, "--out", tmp_path / str(keep))
+        assert r.returncode == 0, r.stderr
+        assert f"(target {keep:.1%})" in r.stdout and ("below the smallest network" in r.stdout) == below, r.stdout
 
 
 def test_resume_mid_ramp_with_a_sop_budget_is_bitwise_identical(tmp_path):

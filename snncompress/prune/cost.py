@@ -10,8 +10,7 @@ channel ``i`` weighted by ``w_l[i]``:
   makes on one output channel (its spikes times their border-aware fan-out, as spikingjelly's
   SynOpCounter counts them), measured on the training batches of each update window.
 - ``latency``: ``f = T * c * table_l(a, b)``, a per-layer table measured on the deployment runtime
-  (``snncompress.latency``), plus a fixed time of the network; ``c`` and that time are fitted to whole
-  networks measured on it (:meth:`CostModel.set_latency`).
+  (``snncompress.latency``), ``c`` the dense network's measured time over the sum of its layers'.
 
 A channel's marginal cost is then the change of its own layers' ``f`` (its conv's output) plus that of the
 layers it feeds (their input): Torch-Pruning's dependency graph says which (``ChannelGroup.consumers``).
@@ -173,7 +172,7 @@ class CostModel:
         self.touching = {g: [i for i, lay in enumerate(layers) if g in (lay.in_group, lay.out_group)]
                          for g in self.sizes}
         self.tables: dict[str, LatencyTable] = {}
-        self.scale, self.offset = 1.0, 0.0  # latency: network = scale * sum(layers) + offset (see set_latency)
+        self.scale = 1.0  # latency: the dense network's time / the sum of its layers' (see set_latency)
         self.dense = float("nan") if unit != "macs" else float(sum(lay.macs for lay in layers))
         self._meter: SopMeter | None = None
 
@@ -183,33 +182,16 @@ class CostModel:
     def needs_table(self) -> bool:
         return self.unit == "latency" and not self.tables
 
-    def set_latency(self, tables: dict[str, LatencyTable], dense_ms: float,
-                    calibration: list[tuple[dict[str, int], float]] = ()) -> None:
-        """Use measured per-layer tables, calibrated on whole networks: the dense one (``dense_ms``) and
-        slim ones (``calibration``: kept channels per group, measured ms).
+    def set_latency(self, tables: dict[str, LatencyTable], dense_ms: float) -> None:
+        """Use measured per-layer tables, scaled so that the dense network costs what it measured.
 
-        A network takes more than its layers (the neurons' other element-wise ops, pooling, layout
-        changes, the runtime's fixed costs). Part of that shrinks with the channels and part does not, so
-        the network's time is modelled as ``scale * sum(layers) + offset``, fitted to the measured networks
-        by least squares of the relative error (``offset >= 0``). Either part alone missed: spread over the
-        layers in proportion, the slim VGG of the quickstart at keep 0.1 ran at 1.18 of its target; kept
-        as a fixed overhead, at 0.53-0.85 (benchmarks/results/budget.md)."""
-        self.tables, self.scale, self.offset = tables, 1.0, 0.0
-        points = [(self._layers_ms(self.sizes), dense_ms)] + [(self._layers_ms(c), ms) for c, ms in calibration]
-        p = torch.tensor([x for x, _ in points], dtype=torch.float64)
-        d = torch.tensor([y for _, y in points], dtype=torch.float64)
-        if len(points) > 1:
-            rows = torch.stack([p / d, 1 / d], dim=1)
-            self.scale, self.offset = torch.linalg.lstsq(rows, torch.ones_like(d)[:, None]).solution[:, 0].tolist()
-        if len(points) == 1 or self.offset < 0 or self.scale <= 0:
-            self.scale, self.offset = float(((p / d).sum() / ((p / d) ** 2).sum())), 0.0
+        What the network takes beyond its layers (the neurons' other element-wise ops, pooling, layout
+        changes) shrinks with the channels too, so it is spread over the layers in proportion rather than
+        kept as a fixed overhead: with a fixed overhead the slim VGG of the quickstart ran at 0.53-0.85 of
+        its latency target (it was predicted slower than it was)."""
+        self.tables, self.scale = tables, 1.0
+        self.scale = dense_ms / self.dense_cost()
         self.dense = dense_ms
-
-    def _layers_ms(self, counts: dict[str, int]) -> float:
-        """The layers' summed table time (unscaled) with ``counts`` channels kept per group."""
-        return self.T * sum(self.tables[lay.name](counts[lay.in_group] if lay.in_group else lay.n_in,
-                                                  counts[lay.out_group] if lay.out_group else lay.n_out)
-                            for lay in self.layers)
 
     def attach(self, model: nn.Module) -> None:
         """SOPs: hook the layers to count the spikes reaching them (only while :meth:`activate` is on)."""
@@ -265,12 +247,12 @@ class CostModel:
 
     def state_dict(self) -> dict:
         return {"weights": {n: w.clone() for n, w in self.weights.items()}, "dense": self.dense,
-                "scale": self.scale, "offset": self.offset, "tables": {n: t.to_dict() for n, t in self.tables.items()},
+                "scale": self.scale, "tables": {n: t.to_dict() for n, t in self.tables.items()},
                 "meter": self._meter.state_dict() if self._meter is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = {n: w.clone() for n, w in state["weights"].items()}
-        self.dense, self.scale, self.offset = state["dense"], state["scale"], state.get("offset", 0.0)
+        self.dense, self.scale = state["dense"], state["scale"]
         self.tables = {n: LatencyTable(**t) for n, t in state["tables"].items()}
         if self._meter is not None and state["meter"] is not None:
             self._meter.load_state_dict(state["meter"])
@@ -371,7 +353,7 @@ class _Selection:
         return self.m.layer_cost(self.m.layers[k], self._a(k, counts, wsum), self._b(k, counts))
 
     def total(self) -> float:
-        return sum(self.costs) + self.m.offset
+        return sum(self.costs)
 
     def _changes(self, g: str, i: int) -> list[tuple[int, float, float]]:
         counts = {**self.counts, g: self.counts[g] + 1}

@@ -298,8 +298,8 @@ def _measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, recipe:
     text = ""
     if distributed.is_main():
         with torch.no_grad():
-            measured = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show)
-        text = tables_to_text(*measured)
+            tables, dense_ms = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show)
+        text = tables_to_text(tables, dense_ms)
     cost.set_latency(*tables_from_text(distributed.broadcast_text(text)))
 
 
