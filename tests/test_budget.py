@@ -51,6 +51,13 @@ def test_rounding_counts_whole_blocks():
     assert resolve_round_to(8) == 8 and resolve_round_to("auto") == channel_block() in (1, 8, 16)
 
 
+def _ranking(a_scores: list[float]):
+    """(scores, pick): channel scores of the two groups and the global selection at kept fraction x."""
+    scores = {"a": torch.tensor(a_scores), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
+    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
+    return scores, lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1)
+
+
 # the channel ranking's prefixes, then the fill. 2000: floors a0, b0 cost 576 + 288 + 80 = 944; + b1 (+368)
 # and b2 (+368) fit; + b3 would reach 2048, and in the fill b3, b4 (+368) and a1 (+576 +864) do not fit.
 # 1600, a ranked first: after the floors, a1 costs 576 + 288 = 864 (1808 > 1600): the prefix stops there;
@@ -59,9 +66,8 @@ def test_rounding_counts_whole_blocks():
                                                              ([10.0, 9.5, 2, 1], 1600, 2, 1312)])
 def test_selection_keeps_the_ranking_that_fits_then_fills_with_cheaper_channels(a_scores, budget, b_kept, total):
     cost = CostModel("macs", LAYERS, GROUPS, T)
-    scores = {"a": torch.tensor(a_scores), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
-    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
-    masks = cost.select(lambda x: select_masks(scores, grow, min(1.0, x), 0.0, 1), budget, scores)
+    scores, pick = _ranking(a_scores)
+    masks = cost.select(pick, budget, scores)
     assert masks["a"].tolist() == [True, False, False, False]
     assert masks["b"].tolist() == [i < b_kept for i in range(6)]
     assert cost.cost(masks) == total
@@ -69,12 +75,7 @@ def test_selection_keeps_the_ranking_that_fits_then_fills_with_cheaper_channels(
 
 def test_the_ramp_schedules_channels_and_budgets_what_they_cost():
     cost = CostModel("macs", LAYERS, GROUPS, T)
-    scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([9.0, 8, 7, 6, 5, 0.5])}
-    grow = {n: torch.zeros_like(s) for n, s in scores.items()}
-
-    def pick(x):
-        return select_masks(scores, grow, min(1.0, x), 0.0, 1)
-
+    scores, pick = _ranking([4.0, 3, 2, 1])
     # at 2000 the selection keeps 4 of the 10 channels (a0; b0-b2, as above); half way through the ramp
     # 4 + 6 / 2 = 7 channels: the ranking's a0, b0-b4, a1 cost 2x2x288 + 2x5x288 + 5x10x8
     assert cost.ramp_budget(pick, 2000, scores, 0.5) == 1152 + 2880 + 400

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..config import PruneCfg
 from .cost import CostModel, resolve_round_to
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
-from .schedule import is_scoring_epoch, is_update_epoch, keep_fraction_at
+from .schedule import is_scoring_epoch, is_update_epoch, keep_fraction_at, ramp_remaining
 from .scorer import Scorer, model_device
 from .select import pq_budgets, pq_raw_budgets, pq_shares, round_masks, select_masks, select_masks_budgeted
 
@@ -92,7 +92,7 @@ class ChannelPruner:
             reduce(self.statistics())
         scores, grow = self.scorer.scores(), self.scorer.regrowth_scores()
         grow = {n: r.cpu() for n, r in self._regrowth.items()} if grow is None else grow
-        new, budget = self._select(keep, scores, grow, old)
+        new, budget = self._select(keep, ramp_remaining(self.cfg, epoch), scores, grow, old)
         set_masks(self.model, self.groups, new)
         self._freeze_closed(new)
         self.scorer.reset()
@@ -110,9 +110,10 @@ class ChannelPruner:
         self.history.append(entry)
         return entry
 
-    def _select(self, keep: float, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor],
+    def _select(self, keep: float, remaining: float, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor],
                 old: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict | None]:
-        """New masks at the schedule's ``keep``, and what the budget was in its unit (None for channels)."""
+        """New masks at the schedule's ``keep`` (``remaining`` of the ramp left), and what the budget was in
+        its unit (None for channels)."""
         c, cost = self.cfg, self.cost
         share = c.regrow / c.keep  # the regrowth part of what is kept, the same at every step of the ramp
         if cost is None:
@@ -134,7 +135,7 @@ class ChannelPruner:
         else:
             def pick(fraction: float) -> dict[str, torch.Tensor]:
                 return select_masks(scores, grow, min(1.0, fraction), c.regrow * fraction / c.keep, c.min_channels)
-        target = cost.ramp_budget(pick, final, scores, (keep - c.keep) / (1 - c.keep) if c.keep < 1 else 0.0)
+        target = cost.ramp_budget(pick, final, scores, remaining)
         new = cost.select(pick, target, scores)
         selected = cost.cost(new)  # rounding up below adds what this already counts
         if self.round_to > 1:
