@@ -24,7 +24,7 @@ _API = {
     "create_model": "models", "ChannelGate": "prune.gates", "ChannelGroup": "prune.gates",
     "channel_groups": "prune.groups", "Scorer": "prune.scorer", "Pruner": "prune.pruner",
     "load_checkpoint": "artifacts", "load_model": "checkpoint", "evaluate": "evaluation",
-    "train": "stages.train", "slim_checkpoint": "stages.slim", "slim": "stages.surgery",
+    "train": "stages.train", "slim_checkpoint": "stages.slim", "slim": "prune.surgery",
     "export_onnx": "stages.export", "export_nir": "stages.export", "BenchSettings": "stages.bench", "bench": "run", "run_pipeline": "run",
     "compare": "compare",
 }

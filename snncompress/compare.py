@@ -37,7 +37,7 @@ from .registry import METHODS
 from .run import bench, run_pipeline
 from .stages.bench import BenchSettings
 from .stages.slim import slim_checkpoint
-from .stages.surgery import slim
+from .prune.surgery import slim
 from .stages.train import train
 
 COMPARE_FORMAT = "snncompress.compare/1"

@@ -29,7 +29,7 @@ LAYERS = {"errors": 0, "registry": 0, "config": 0, "layout": 0, "artifacts": 1, 
           "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "deploy": 3, "plots": 3,
           "neuromorphic": 3, "latency": 3,
           "stages": 4, "run": 5, "compare": 5, "cli": 6, "__init__": 7, "__main__": 7}
-STAGES = {"train", "slim", "surgery", "export", "bench"}
+STAGES = {"train", "slim", "export", "bench"}
 
 
 def _imports() -> dict[str, set[str]]:
@@ -69,8 +69,7 @@ def test_imports_point_down_and_no_stage_imports_another():
             if LAYERS[_top(dep)] > LAYERS[_top(mod)]:
                 bad.append(f"{mod} -> {dep} (up)")
             stage, other = mod.split(".")[-1], dep.split(".")[-1]
-            if _top(mod) == _top(dep) == "stages" and stage in STAGES and other in STAGES and stage != other \
-                    and {stage, other} != {"slim", "surgery"}:
+            if _top(mod) == _top(dep) == "stages" and stage in STAGES and other in STAGES and stage != other:
                 bad.append(f"{mod} -> {dep} (stage to stage)")
     assert not bad, bad
 

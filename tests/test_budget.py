@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import snncompress
-from snncompress.config import parse_recipe
+from snncompress.config import DeployCfg, parse_recipe
 from snncompress.data import encode, load_dataset
+from snncompress.latency import CALIBRATION, fit_weights, measure_latency
 from snncompress.metrics import count_macs, spike_stats
 from snncompress.prune.cost import CostModel, Layer, LatencyTable, SopMeter, _Selection, channel_block, model_layers, \
     resolve_round_to, table_grid
@@ -102,11 +103,49 @@ def test_latency_table_rounds_up_to_blocks_and_interpolates():
     assert grid[0] == 8 and grid[-1] == 256 and len(grid) <= 8 and all(n % 8 == 0 for n in grid)
 
 
+def test_latency_cost_is_weighted_tables_plus_outputs_and_the_weights_fit_whole_networks():
+    # tables of a * b * 0.01 ms (block 1: no rounding; bilinear tables interpolate a bilinear function exactly)
+    tables = {"conv1": LatencyTable([2], [1, 4], [[0.02, 0.08]], block=1),
+              "conv2": LatencyTable([1, 4], [1, 6], [[0.01, 0.06], [0.04, 0.24]], block=1),
+              "fc": LatencyTable([1, 6], [10], [[0.1], [0.6]], block=1)}
+    cost = CostModel("latency", LAYERS, GROUPS, T)
+    cost.set_latency(tables, 10.0, scale=2.0, elem=0.001)
+    masks = _masks([1, 1, 1, 0], [1, 1, 0, 0, 0, 0])
+    # T x (2 x table + 0.001 x outputs of one step): conv1 2x3 channels, 3 x 16 outputs; conv2 3x2, 2 x 16; fc 2x10, 10
+    assert cost.cost(masks) == pytest.approx(2 * (0.12 + 0.048) + 2 * (0.12 + 0.032) + 2 * (0.4 + 0.01))
+    assert cost.dense == 10.0  # the budget's reference is the dense network as measured
+    # networks timed whole at these weights give them back
+    kept = [{"a": 4, "b": 6}, {"a": 1, "b": 1}, {"a": 3, "b": 2}, {"a": 2, "b": 5}]
+    calibration = [{"kept": k, "ms": cost.cost({"a": torch.arange(4) < k["a"], "b": torch.arange(6) < k["b"]})}
+                   for k in kept]
+    assert fit_weights(cost, tables, calibration) == pytest.approx((2.0, 0.001))
+
+
 def _tiny_model(model: dict, encoding: str = "direct"):
     recipe = parse_recipe({"model": model, "data": {"name": "digits", "T": 2, "encoding": encoding}})
     data = load_dataset(recipe.data, 0)
     _, net, example, _ = starting_model(recipe, data)
     return net, example, channel_groups(net, example), data
+
+
+def test_the_latency_fit_times_the_dense_network_and_slim_versions_of_it_on_the_runtime():
+    net, example, groups, data = _tiny_model({"name": "vgg", "layers": [16, 32, "M", 32]})
+    cost = CostModel("latency", model_layers(net, example, groups), groups, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fit = measure_latency(cost, net, data.x_train[:4], 2, "direct", DeployCfg(batch_size=4))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # timed on copies
+    assert set(fit.tables) == {lay.name for lay in cost.layers} and fit.dense_ms > 0
+    block = channel_block()
+    sizes = {g.name: g.size for g in groups}
+    assert len(fit.calibration) == CALIBRATION + 2 and fit.calibration[0]["kept"] == sizes  # the dense one,
+    assert fit.calibration[1]["kept"] == {g: min(block, n) for g, n in sizes.items()}  # the smallest, random ones
+    for c in fit.calibration:
+        assert c["ms"] > 0 and all(n == sizes[g] or n % block == 0 for g, n in c["kept"].items()), c
+    assert len({tuple(c["kept"].values()) for c in fit.calibration}) > 2  # networks of different widths
+    assert fit.scale >= 0 and fit.elem >= 0 and fit.scale + fit.elem > 0
+    assert (fit.scale, fit.elem) == fit_weights(cost, fit.tables, fit.calibration)
+    fit.apply(cost)
+    assert cost.dense == fit.dense_ms and cost.elem == fit.elem and cost.dense_cost() > 0
 
 
 @pytest.mark.parametrize("model", [{"name": "vgg", "layers": [8, 16, "M", 16]}, {"name": "resnet19", "width": 0.125}])

@@ -9,8 +9,10 @@ channel ``i`` weighted by ``w_l[i]``:
 - ``sops``: ``f = a * b`` with ``w_l[i]`` the synaptic operations per inference that input channel ``i``
   makes on one output channel (its spikes times their border-aware fan-out, as spikingjelly's
   SynOpCounter counts them), measured on the training batches of each update window.
-- ``latency``: ``f = T * c * table_l(a, b)``, a per-layer table measured on the deployment runtime
-  (``snncompress.latency``), ``c`` the dense network's measured time over the sum of its layers'.
+- ``latency``: ``f = T * (c * table_l(a, b) + e * b * P_l)``: a per-layer table of the conv measured on the
+  deployment runtime, plus the element-wise work on the layer's ``b * P_l`` outputs (``P_l`` positions;
+  the neuron's arithmetic, pooling, layout changes), ``c`` and ``e`` fitted to whole slim networks timed
+  on that runtime (``snncompress.latency``).
 
 A channel's marginal cost is then the change of its own layers' ``f`` (its conv's output) plus that of the
 layers it feeds (their input): Torch-Pruning's dependency graph says which (``ChannelGroup.consumers``).
@@ -68,6 +70,16 @@ class Layer:
     macs: int  # dense MACs of one inference, as torch's FlopCounterMode counts them
     in_shape: tuple[int, ...]  # one sample's input in one step: (C, H, W) or (features,)
     conv: tuple = ()  # (kernel, stride, padding, dilation) of a conv
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """Height and width of a conv's output ((1, 1) for a linear layer)."""
+        if not self.conv:
+            return 1, 1
+        (kh, kw), stride, padding, dilation = self.conv
+        h, w = self.in_shape[1:]
+        return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+                (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
 
 
 def model_layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup]) -> list[Layer]:
@@ -133,9 +145,13 @@ class LatencyTable:
         m, i1, j1 = self.ms, min(i + 1, len(self.grid_in) - 1), min(j + 1, len(self.grid_out) - 1)
         return (1 - wi) * ((1 - wj) * m[i][j] + wj * m[i][j1]) + wi * ((1 - wj) * m[i1][j] + wj * m[i1][j1])
 
+    def rounded(self, n: float) -> int:
+        """``n`` channels as the runtime computes them: rounded up to whole blocks."""
+        return math.ceil(n / self.block - 1e-9) * self.block
+
     def _locate(self, grid: list[int], n: float) -> tuple[int, float]:
         """(index, weight) of ``n`` (rounded up to the block) between two grid points (clamped to the grid)."""
-        n = min(grid[-1], max(grid[0], math.ceil(n / self.block - 1e-9) * self.block))
+        n = min(grid[-1], max(grid[0], self.rounded(n)))
         if len(grid) == 1:
             return 0, 0.0
         k = min(len(grid) - 2, max(0, bisect.bisect_right(grid, n) - 1))
@@ -172,7 +188,7 @@ class CostModel:
         self.touching = {g: [i for i, lay in enumerate(layers) if g in (lay.in_group, lay.out_group)]
                          for g in self.sizes}
         self.tables: dict[str, LatencyTable] = {}
-        self.scale = 1.0  # latency: the dense network's time / the sum of its layers' (see set_latency)
+        self.scale, self.elem = 1.0, 0.0  # latency: weights of the tables and of the outputs (see set_latency)
         self.dense = float("nan") if unit != "macs" else float(sum(lay.macs for lay in layers))
         self._meter: SopMeter | None = None
 
@@ -182,16 +198,16 @@ class CostModel:
     def needs_table(self) -> bool:
         return self.unit == "latency" and not self.tables
 
-    def set_latency(self, tables: dict[str, LatencyTable], dense_ms: float) -> None:
-        """Use measured per-layer tables, scaled so that the dense network costs what it measured.
+    def set_latency(self, tables: dict[str, LatencyTable], dense_ms: float, scale: float, elem: float) -> None:
+        """Use measured per-layer tables: a network costs ``scale`` times the sum of its layers' tables plus
+        ``elem`` ms per element its layers output in one step, of ``dense_ms`` for the dense network.
 
-        What the network takes beyond its layers (the neurons' other element-wise ops, pooling, layout
-        changes) shrinks with the channels too, so it is spread over the layers in proportion rather than
-        kept as a fixed overhead: with a fixed overhead the slim VGG of the quickstart ran at 0.53-0.85 of
-        its latency target (it was predicted slower than it was)."""
-        self.tables, self.scale = tables, 1.0
-        self.scale = dense_ms / self.dense_cost()
-        self.dense = dense_ms
+        ``scale`` and ``elem`` are fitted to whole slim networks (``snncompress.latency``): the tables time
+        each conv with a spike, but the network also runs the rest of each neuron's update, pooling and
+        layout changes, which grow with a layer's outputs, not with its inputs times its outputs. Spread
+        over the tables in proportion instead, the slim networks of the quickstart VGG were predicted
+        0.73-0.93 of their time; with a fixed overhead, 1.2-1.9x."""
+        self.tables, self.dense, self.scale, self.elem = tables, dense_ms, scale, elem
 
     def attach(self, model: nn.Module) -> None:
         """SOPs: hook the layers to count the spikes reaching them (only while :meth:`activate` is on)."""
@@ -235,7 +251,9 @@ class CostModel:
             return lay.macs * (a / lay.n_in) * (b / lay.n_out)
         if self.unit == "sops":
             return a * b
-        return self.T * self.scale * self.tables[lay.name](a, b)
+        table = self.tables[lay.name]
+        h, w = lay.out_hw
+        return self.T * (self.scale * table(a, b) + self.elem * table.rounded(b) * h * w)
 
     def dense_cost(self) -> float:
         """Cost with every channel kept."""
@@ -247,12 +265,12 @@ class CostModel:
 
     def state_dict(self) -> dict:
         return {"weights": {n: w.clone() for n, w in self.weights.items()}, "dense": self.dense,
-                "scale": self.scale, "tables": {n: t.to_dict() for n, t in self.tables.items()},
+                "scale": self.scale, "elem": self.elem, "tables": {n: t.to_dict() for n, t in self.tables.items()},
                 "meter": self._meter.state_dict() if self._meter is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = {n: w.clone() for n, w in state["weights"].items()}
-        self.dense, self.scale = state["dense"], state["scale"]
+        self.dense, self.scale, self.elem = state["dense"], state["scale"], state.get("elem", 0.0)
         self.tables = {n: LatencyTable(**t) for n, t in state["tables"].items()}
         if self._meter is not None and state["meter"] is not None:
             self._meter.load_state_dict(state["meter"])
@@ -420,9 +438,7 @@ class SopMeter:
         gradient of the sum of a ones-kernel conv."""
         (kh, kw), stride, padding, dilation = lay.conv
         _, h, w = lay.in_shape
-        h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        ones = torch.ones((1, 1, h_out, w_out), dtype=torch.float64, device=device)
+        ones = torch.ones((1, 1, *lay.out_hw), dtype=torch.float64, device=device)
         kernel = torch.ones((1, 1, kh, kw), dtype=torch.float64, device=device)
         return torch.nn.grad.conv2d_input((1, 1, h, w), kernel, ones, stride, padding, dilation)[0, 0]
 

@@ -15,7 +15,7 @@ from ..errors import SnnCompressError, VerificationError
 from ..evaluation import Equivalence, compare_models
 from ..metrics import count_macs, count_params
 from ..prune.gates import gate_modules, neuron_of
-from .surgery import slim as slim_model
+from ..prune.surgery import slim as slim_model
 
 
 @dataclass

@@ -291,16 +291,16 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
 
 
 def _measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, recipe: Recipe, show: bool) -> None:
-    """Latency tables of the layers on ``deploy.runtime``, measured by rank 0 alone (two processes timing at
-    once would disturb each other) and sent to every rank, so all select the same masks."""
-    from ..latency import measure_latency, tables_from_text, tables_to_text
+    """Latency tables of the layers on ``deploy.runtime`` and their fit to whole networks, measured by rank 0
+    alone (two processes timing at once would disturb each other) and sent to every rank, so all select
+    the same masks."""
+    from ..latency import LatencyFit, measure_latency
 
     text = ""
     if distributed.is_main():
         with torch.no_grad():
-            tables, dense_ms = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show)
-        text = tables_to_text(tables, dense_ms)
-    cost.set_latency(*tables_from_text(distributed.broadcast_text(text)))
+            text = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show).to_text()
+    LatencyFit.from_text(distributed.broadcast_text(text)).apply(cost)
 
 
 def _train_state(opt, sched, gen: torch.Generator, pruner: Pruner | None, best_acc: float) -> dict:

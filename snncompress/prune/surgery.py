@@ -1,4 +1,4 @@
-"""Physical channel removal with Torch-Pruning (only the slim stage runs it; loading a slim.pt does not)."""
+"""Physical channel removal with Torch-Pruning (the slim stage and the latency calibration run it; loading a slim.pt does not)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
-from ..prune.gates import strip_gates
-from ..prune.groups import dependency_graph, groups_of_graph
+from .gates import strip_gates
+from .groups import dependency_graph, groups_of_graph
 
 
 def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.Tensor) -> nn.Module:
