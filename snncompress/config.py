@@ -195,7 +195,7 @@ class TrainCfg(_Strict):
 
 # fields that mean something for one method only: setting one for another method is an error
 METHOD_ONLY = {"weight_regrow": ("criticality_unstructured",), "scope": ("pq",), "er_init": ("pq",)}
-STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to")  # channel budgets; unstructured methods set sparsity
+STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to", "sop_hold")  # channel budgets; unstructured methods set sparsity
 
 
 def method_family(method: str) -> str | None:
@@ -217,6 +217,9 @@ class PruneCfg(_Strict):
     # what `keep` is a fraction of: conv channels, the dense model's MACs, its SOPs (as measured on training
     # batches) or its latency on deploy.runtime (a per-layer table measured once); docs/methods.md, "Budget units"
     budget_unit: Literal["channels", "macs", "sops", "latency"] = "channels"
+    # budget_unit sops: weight of the loss term (SOPs / target - 1)^2 that holds the SOPs on the target
+    # after the last mask update (the fine-tune moves the firing); 0: off
+    sop_hold: NonNegative = 10.0
     regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
     sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed
     weight_regrow: FractionOpen = 0.5  # criticality_unstructured: share r of the kept weights chosen by criticality

@@ -3,6 +3,7 @@ spikingjelly's and torch's, the selection, and training that reaches its target 
 
 import pytest
 import torch
+from spikingjelly.activation_based import functional
 
 import snncompress
 from snncompress.config import DeployCfg, parse_recipe
@@ -174,6 +175,46 @@ def test_sop_meter_counts_what_spikingjellys_counter_counts(encoding):
     kept = {lay.name: int(masks[lay.out_group].sum()) / lay.n_out if lay.out_group else 1.0 for lay in layers}
     assert cost.cost(masks) == pytest.approx(sum(per_layer[n] * kept[n] for n in per_layer), rel=1e-9)
     meter.remove()
+
+
+def test_a_held_sop_budget_measures_each_training_batch_differentiably():
+    net, example, groups, data = _tiny_model({"name": "vgg", "layers": [8, 16, "M", 16]}, "poisson")
+    cost = CostModel("sops", model_layers(net, example, groups), groups, 2)
+    cost.attach(net)
+    x = encode(data.x_train[:16], 2, "poisson", torch.Generator().manual_seed(0))
+    net.train()
+    cost.activate(True)
+    net(x)
+    functional.reset_net(net)
+    cost.absorb({g.name: torch.ones(g.size, dtype=torch.bool) for g in groups})
+    masks = {g.name: torch.arange(g.size) % 3 != 0 for g in groups}
+    set_masks(net, groups, masks)
+    cost.hold(masks)
+    net(x)  # metered (no grad) and held (differentiable) in one forward
+    functional.reset_net(net)
+    held = cost.batch_sops()
+    cost.absorb(masks)
+    assert held.requires_grad and held.item() == pytest.approx(cost.cost(masks), rel=1e-6)
+    held.backward()
+    assert net.features.conv1.conv.weight.grad.abs().sum() > 0  # through the surrogate spikes
+    assert cost.batch_sops() is None  # taken once
+    cost.hold(None)
+    net(x)
+    assert cost.batch_sops() is None
+    cost.remove()
+
+
+def test_the_sop_hold_penalises_once_the_masks_reach_the_target(tmp_path):
+    recipe = parse_recipe({**BUDGET, "prune": {**BUDGET["prune"], "budget_unit": "sops"}})
+    res = snncompress.train(recipe, tmp_path / "held", progress=False)
+    off = parse_recipe({**BUDGET, "prune": {**BUDGET["prune"], "budget_unit": "sops", "sop_hold": 0}})
+    res_off = snncompress.train(off, tmp_path / "off", progress=False)
+    held, free = (torch.load(r.ckpt, weights_only=True) for r in (res, res_off))
+    # the same training up to the update that reaches the target (epoch 2, of updates at 1, 2, 3), then not
+    reached = [h["keep_target"] <= 0.3 for h in held["history"]].index(True)
+    assert reached < len(held["history"]) - 1
+    assert [h["kept"] for h in held["history"][:reached + 1]] == [h["kept"] for h in free["history"][:reached + 1]]
+    assert any(not torch.equal(held["state_dict"][k], free["state_dict"][k]) for k in held["state_dict"])
 
 
 BUDGET = {**TINY, "model": {"name": "vgg", "layers": [16, 32, "M", 32]},

@@ -221,6 +221,23 @@ class CostModel:
     def statistics(self) -> list[torch.Tensor]:
         return self._meter.tensors() if self._meter is not None else []
 
+    def hold(self, masks: dict[str, torch.Tensor] | None) -> None:
+        """SOPs: measure every training batch's SOPs under ``masks`` differentiably from now on
+        (:meth:`batch_sops`); None stops."""
+        if self._meter is None:
+            return
+        self._meter.batch = None
+        self._meter.outputs = None if masks is None else {
+            lay.name: (lay.n_out if lay.out_group is None else int(masks[lay.out_group].sum()))
+            * bool(self.weights[lay.name].sum() > 0) for lay in self.layers}
+
+    def batch_sops(self) -> torch.Tensor | None:
+        """The SOPs per inference of the last training batch while holding (then forgotten), else None."""
+        if self._meter is None:
+            return None
+        sops, self._meter.batch = self._meter.batch, None
+        return sops
+
     def absorb(self, masks: dict[str, torch.Tensor]) -> None:
         """At an update: take the window's SOP measurements for the input channels that were open in it
         (a closed channel fires nothing; it keeps the weight it had when last open), then reset the sums.
@@ -409,12 +426,26 @@ class SopMeter:
         self.steps = torch.zeros((), dtype=torch.float64, device=device)  # sample-steps seen (per layer alike)
         self.analog = {lay.name: torch.zeros((), dtype=torch.float64, device=device) for lay in layers}
         self._fanout = {lay.name: self.fanout_map(lay, device) for lay in layers if lay.kind == "conv"}
+        # holding (CostModel.hold): each layer's kept outputs (0 for one with a non-binary input), and the
+        # SOPs per inference of the training batch in flight, differentiable through the surrogate spikes
+        self.outputs: dict[str, int] | None = None
+        self.batch: torch.Tensor | None = None
         self._first = layers[0].name if layers else None
         modules = dict(model.named_modules())
         self._handles = [modules[lay.name].register_forward_pre_hook(self._hook(lay)) for lay in layers]
 
     def _hook(self, lay: Layer):
         def fn(module, args):
+            if self.outputs is not None and self.outputs[lay.name] and module.training and torch.is_grad_enabled():
+                x = args[0]
+                if lay.kind == "conv":
+                    x = x.reshape(-1, *x.shape[-3:])
+                    per_output = (x * self._fanout[lay.name]).sum()
+                else:
+                    x = x.reshape(-1, x.shape[-1])
+                    per_output = x.sum()
+                sops = per_output * (self.outputs[lay.name] * self.T / x.shape[0])
+                self.batch = sops if self.batch is None else self.batch + sops
             if not self.active:
                 return
             with torch.no_grad():

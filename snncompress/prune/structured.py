@@ -56,7 +56,11 @@ class ChannelPruner:
         return bool(self.history) and self.history[-1]["keep_target"] <= self.cfg.keep + 1e-9
 
     def penalty(self) -> torch.Tensor:
-        return self.scorer.penalty()
+        penalty = self.scorer.penalty()
+        sops = self.cost.batch_sops() if self.cost is not None else None
+        if sops is not None:  # a SOP budget holds after the last update (docs/methods.md, "Budget units")
+            penalty = penalty + self.cfg.sop_hold * (sops / (self.cfg.keep * self.cost.dense) - 1) ** 2
+        return penalty
 
     def begin_epoch(self, epoch: int) -> None:
         self._scoring = is_scoring_epoch(self.cfg, self.epochs, epoch)
@@ -108,7 +112,12 @@ class ChannelPruner:
             "masks": {n: m.clone() for n, m in new.items()},
         }
         self.history.append(entry)
+        self._hold_budget()
         return entry
+
+    def _hold_budget(self) -> None:
+        if self.cost is not None and self.cost.unit == "sops" and self.cfg.sop_hold:
+            self.cost.hold(self.masks if self.at_target() else None)
 
     def _select(self, keep: float, remaining: float, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor],
                 old: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -185,6 +194,7 @@ class ChannelPruner:
             self._regrowth[n].copy_(r)
         if self.cost is not None and state.get("cost") is not None:
             self.cost.load_state_dict(state["cost"])
+        self._hold_budget()
 
     def remove(self) -> None:
         self.scorer.remove()
