@@ -12,7 +12,7 @@ the slim model with bench's counters:
 and report ``achieved / target`` (1.00 = on target). Also the accuracy, so units can be compared.
 
     python benchmarks/budget.py --quick                                   # quickstart VGG, macs/sops, keep 0.25
-    python benchmarks/budget.py --out benchmarks/results/budget.json      # the full grid (about an hour here)
+    python benchmarks/budget.py --out benchmarks/results/budget.json      # the full grid (16 min here)
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def measure(model: str, unit: str, keep: float, epochs: int, seed: int, repeats:
         row["achieved"]["latency"] = float(np.median([s / d for d, s in rounds]))
         row["latency_ms"] = {"dense": float(np.median([d for d, _ in rounds])),
                              "slim": float(np.median([s for _, s in rounds])), "runtime": runtime, "batch": batch,
-                             "rounds": ROUNDS, "table_dense": budget["dense"]}
+                             "rounds": ROUNDS, "table_dense": budget["dense"],
+                             "fit": {k: ckpt["train_state"]["pruner"]["cost"][k] for k in ("scale", "elem")}}
     row["on_target"] = row["achieved"][unit] / keep
     return row
 

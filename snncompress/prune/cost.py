@@ -436,31 +436,24 @@ class SopMeter:
 
     def _hook(self, lay: Layer):
         def fn(module, args):
-            if self.outputs is not None and self.outputs[lay.name] and module.training and torch.is_grad_enabled():
-                x = args[0]
-                if lay.kind == "conv":
-                    x = x.reshape(-1, *x.shape[-3:])
-                    per_output = (x * self._fanout[lay.name]).sum()
-                else:
-                    x = x.reshape(-1, x.shape[-1])
-                    per_output = x.sum()
-                sops = per_output * (self.outputs[lay.name] * self.T / x.shape[0])
-                self.batch = sops if self.batch is None else self.batch + sops
-            if not self.active:
+            hold = bool(self.outputs and self.outputs[lay.name]) and module.training and torch.is_grad_enabled()
+            if not (self.active or hold):
                 return
-            with torch.no_grad():
-                x = args[0].detach()
-                if lay.kind == "conv":
-                    x = x.reshape(-1, *x.shape[-3:])
-                    per_pos = x.sum(0, dtype=torch.float64)  # [C, H, W]
-                    spikes = (per_pos * self._fanout[lay.name]).sum((-2, -1))
-                else:
-                    x = x.reshape(-1, x.shape[-1])
-                    spikes = x.sum(0, dtype=torch.float64).view(lay.n_in, -1).sum(1)
-                self.sums[lay.name] += spikes
-                self.analog[lay.name] += ((x != 0) & (x != 1)).any()
-                if lay.name == self._first:
-                    self.steps += x.shape[0]
+            x = args[0] if hold else args[0].detach()
+            x = x.reshape(-1, *x.shape[-3:]) if lay.kind == "conv" else x.reshape(-1, x.shape[-1])
+            per_pos = x.sum(0, dtype=torch.float64)  # [C, H, W] or [features]
+            # per input channel: its spikes times the output positions each reaches (one output per feature)
+            spikes = (per_pos * self._fanout[lay.name]).sum((-2, -1)) if lay.kind == "conv" \
+                else per_pos.view(lay.n_in, -1).sum(1)
+            if hold:
+                sops = spikes.sum() * (self.outputs[lay.name] * self.T / x.shape[0])
+                self.batch = sops if self.batch is None else self.batch + sops
+            if self.active:
+                with torch.no_grad():
+                    self.sums[lay.name] += spikes.detach()
+                    self.analog[lay.name] += ((x != 0) & (x != 1)).any()
+                    if lay.name == self._first:
+                        self.steps += x.shape[0]
         return fn
 
     @staticmethod
