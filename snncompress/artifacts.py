@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ FORMATS = (CKPT_FORMAT, SLIM_FORMAT)
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A failure (or a kill) leaves the previous file, if any, untouched and no partial file behind.
+    A failure (or a kill) leaves the previous file, if any, untouched. A failure leaves no partial file
+    behind; a SIGKILL skips the clean-up and leaves the hidden temporary (``.NAME.XXXXXXXX.tmp``), which
+    :func:`remove_temporaries` deletes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +42,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise _write_failed(path, e.strerror or str(e)) from e
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> None:
+    """Delete the temporaries of :func:`atomic_path` that killed writes left in ``directory``."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        if re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", tmp.name):  # mkstemp's 8 random characters
+            tmp.unlink(missing_ok=True)
 
 
 def _write_failed(path: Path, reason: str) -> SnnCompressError:

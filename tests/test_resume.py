@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from snncompress import parse_recipe, train
+
 from .conftest import TINY, cli, write_recipe
 
 # 8 epochs with a mask update every 2 epochs, so kills also land inside a score-accumulation window
@@ -105,3 +107,13 @@ def test_run_resume_skips_finished_stages_and_redoes_unfinished(run_dir, tmp_pat
     assert (run / "slim.pt").stat().st_mtime_ns == slim_mtime
     assert (run / "train" / "ckpt.pt").stat().st_mtime_ns == ckpt_mtime
     assert all(s["status"] == "done" for s in json.loads((run / "run.json").read_text())["stages"].values())
+
+
+def test_a_run_removes_what_a_killed_write_left_behind(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale, other = out / ".ckpt.pt.k3x_9q2b.tmp", out / ".notes.tmp"  # a SIGKILLed save; not one of ours
+    stale.write_bytes(b"half a checkpoint")
+    other.write_text("the user's")
+    train(parse_recipe({**TINY, "train": {**TINY["train"], "epochs": 1}, "prune": None}), out, progress=False)
+    assert not stale.exists() and other.exists()

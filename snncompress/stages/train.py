@@ -21,7 +21,7 @@ from spikingjelly.activation_based import functional
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .. import __version__, distributed
-from ..artifacts import CKPT_FORMAT, load_checkpoint, save_torch, write_text
+from ..artifacts import CKPT_FORMAT, load_checkpoint, remove_temporaries, save_torch, write_text
 from ..checkpoint import build_model, load_weights, model_spec
 from ..config import Recipe, TrainCfg
 from ..deploy import require_runtime
@@ -165,6 +165,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     data: Dataset = load_dataset(recipe.data, recipe.seed)
     spec, model, example, weights = starting_model(recipe, data)
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a recipe whose weights do not fit writes nothing
+    if main:  # what a killed run was writing when it died
+        remove_temporaries(out_dir)
     T, enc = recipe.data.T, recipe.data.encoding
     groups = channel_groups(model, example)
     cost = build_cost(model, groups, example, recipe.prune.budget_unit, T) if recipe.prune else None
