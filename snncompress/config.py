@@ -218,7 +218,7 @@ class PruneCfg(_Strict):
     # batches) or its latency on deploy.runtime (a per-layer table measured once); docs/methods.md, "Budget units"
     budget_unit: Literal["channels", "macs", "sops", "latency"] = "channels"
     # budget_unit sops: weight of the loss term (SOPs / target - 1)^2 that holds the SOPs on the target
-    # after the last mask update (the fine-tune moves the firing); 0: off
+    # once the masks reach it (training after the selection moves the firing); 0: off
     sop_hold: NonNegative = 10.0
     regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
     sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed

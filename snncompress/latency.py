@@ -28,7 +28,7 @@ from scipy.optimize import nnls
 from .config import DeployCfg
 from .data import graph_input, to_steps
 from .deploy import require_runtime, runtime_session, steps_unroll_exactly, time_call, unrolled_onnx
-from .prune.cost import CostModel, Layer, LatencyTable, ceil_to, channel_block, table_grid
+from .prune.cost import CostModel, Layer, LatencyTable, ceil_to, channel_block, latency_terms, table_grid
 from .prune.surgery import slim
 
 WARMUP, REPEATS = 3, 9  # per grid point: the median of 9 calls; the dense network: of 21
@@ -163,14 +163,9 @@ def _random_counts(sizes: dict[str, int], block: int, rng: np.random.Generator) 
 def terms(cost: CostModel, tables: dict[str, LatencyTable], counts: dict[str, int]) -> tuple[float, float]:
     """(ms of the tables, elements output) of a network with ``counts`` channels per group, all T steps:
     the two quantities :func:`fit_weights` weighs."""
-    ms = elements = 0.0
-    for lay in cost.layers:
-        a = counts[lay.in_group] if lay.in_group else lay.n_in
-        b = counts[lay.out_group] if lay.out_group else lay.n_out
-        h, w = lay.out_hw
-        ms += cost.T * tables[lay.name](a, b)
-        elements += cost.T * tables[lay.name].rounded(b) * h * w
-    return ms, elements
+    per_layer = [latency_terms(lay, tables[lay.name], counts[lay.in_group] if lay.in_group else lay.n_in,
+                               counts[lay.out_group] if lay.out_group else lay.n_out, cost.T) for lay in cost.layers]
+    return sum(ms for ms, _ in per_layer), sum(n for _, n in per_layer)
 
 
 def fit_weights(cost: CostModel, tables: dict[str, LatencyTable], calibration: list[dict]) -> tuple[float, float]:

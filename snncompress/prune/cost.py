@@ -161,6 +161,13 @@ class LatencyTable:
         return {"grid_in": self.grid_in, "grid_out": self.grid_out, "ms": self.ms, "block": self.block}
 
 
+def latency_terms(lay: Layer, table: LatencyTable, a: float, b: float, T: int) -> tuple[float, float]:
+    """(ms of ``lay``'s table, elements it outputs) over all ``T`` steps with ``a`` input and ``b`` output
+    channels: the two terms a latency cost weighs (``CostModel.set_latency``)."""
+    h, w = lay.out_hw
+    return T * table(a, b), T * table.rounded(b) * h * w
+
+
 def table_grid(size: int, block: int, points: int = 8) -> list[int]:
     """Channel counts a latency table is measured at: block multiples, dense at small counts (where
     rounding matters most), about geometric above, always including ``size``; at most ``points``."""
@@ -268,9 +275,8 @@ class CostModel:
             return lay.macs * (a / lay.n_in) * (b / lay.n_out)
         if self.unit == "sops":
             return a * b
-        table = self.tables[lay.name]
-        h, w = lay.out_hw
-        return self.T * (self.scale * table(a, b) + self.elem * table.rounded(b) * h * w)
+        ms, elements = latency_terms(lay, self.tables[lay.name], a, b, self.T)
+        return self.scale * ms + self.elem * elements
 
     def dense_cost(self) -> float:
         """Cost with every channel kept."""

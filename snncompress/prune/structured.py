@@ -58,7 +58,7 @@ class ChannelPruner:
     def penalty(self) -> torch.Tensor:
         penalty = self.scorer.penalty()
         sops = self.cost.batch_sops() if self.cost is not None else None
-        if sops is not None:  # a SOP budget holds after the last update (docs/methods.md, "Budget units")
+        if sops is not None:  # a SOP budget holds once the masks reach it (docs/methods.md, "Budget units")
             penalty = penalty + self.cfg.sop_hold * (sops / (self.cfg.keep * self.cost.dense) - 1) ** 2
         return penalty
 
