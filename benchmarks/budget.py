@@ -70,7 +70,9 @@ def measure(model: str, unit: str, keep: float, epochs: int, seed: int, repeats:
     row["achieved"] = {"macs": macs, "sops": stats["sops"] / budget["dense"] if unit == "sops" else None}
     row["accuracy"] = sc.evaluate(slim, data.x_test, data.y_test, T, enc)[1]
     if unit == "latency":
-        from snncompress.deploy import runtime_session, time_call, unrolled_onnx
+        from snncompress.export.onnx import unrolled_onnx
+        from snncompress.runtime.sessions import runtime_session
+        from snncompress.runtime.timing import time_call
 
         runtime, batch = recipe.deploy.runtime, recipe.deploy.batch_size
         x = graph_input(data.x_test[torch.arange(batch) % len(data.x_test)], T, enc).numpy()

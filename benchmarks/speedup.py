@@ -38,9 +38,12 @@ from spikingjelly.activation_based import functional
 import snncompress as sc
 from snncompress.config import RUNTIMES
 from snncompress.errors import SnnCompressError
-from snncompress.deploy import (UnrolledSNN, fold_batchnorm, ort_session, require_runtime, runtime_session,
-                                runtime_version, time_call, unrolled_onnx)
-from snncompress.prune.cost import channel_block, resolve_round_to
+from snncompress.export.fold import fold_batchnorm
+from snncompress.export.onnx import unrolled_onnx
+from snncompress.export.unroll import UnrolledSNN
+from snncompress.prune.blocks import channel_block, resolve_round_to
+from snncompress.runtime.sessions import ort_session, require_runtime, runtime_session, runtime_version
+from snncompress.runtime.timing import time_call
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.metrics import count_macs
 

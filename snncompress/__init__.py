@@ -19,8 +19,9 @@ __version__ = "0.1.0"  # the one version source: pyproject.toml reads it (tool.s
 _API = {
     "RecipeError": "errors", "SnnCompressError": "errors", "VerificationError": "errors",
     "Recipe": "config", "load_recipe": "config", "parse_recipe": "config",
-    "register_model": "registry", "register_method": "registry", "list_models": "registry",
-    "list_methods": "registry", "trust_code": "registry", "RunLayout": "layout",
+    "register_model": "registry", "register_method": "registry", "register_budget_unit": "registry",
+    "list_models": "registry", "list_methods": "registry", "trusted": "registry", "RunLayout": "layout",
+    "CostUnit": "prune.costs",
     "create_model": "models", "ChannelGate": "prune.gates", "ChannelGroup": "prune.gates",
     "channel_groups": "prune.groups", "Scorer": "prune.scorer", "Pruner": "prune.pruner",
     "load_checkpoint": "artifacts", "load_model": "checkpoint", "evaluate": "evaluation",

@@ -19,18 +19,16 @@ from .errors import RecipeError, SnnCompressError, first_line
 from .models import FactoryError, build_factory_model, create_model
 from .models.factory import accepted_data_kwargs, resolve_factory
 from .prune.gates import attach_gates, set_masks, strip_gates
-from .registry import trust_code
 
 
 def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
     """``{name, kwargs}`` or ``{factory, kwargs}``: everything needed to rebuild the architecture, as plain data.
 
-    A factory named by the user's own recipe is trusted (imported, to see whether it takes
-    ``in_channels`` / ``num_classes``).
+    A factory is imported (to see whether it takes ``in_channels`` / ``num_classes``): the caller trusts it
+    (``snncompress.registry.trusted``), as train and run trust what the recipe they run names.
     """
     m = recipe.model
     if m.factory is not None:
-        trust_code(m.factory)
         fn = resolve_factory(m.factory)
         return {"factory": m.factory, "kwargs": {**m.kwargs, **accepted_data_kwargs(fn, in_channels, num_classes)}}
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "neuron": m.neuron.model_dump(), "width": m.width}
@@ -45,7 +43,7 @@ def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = Non
                 trust_factory: bool = False) -> nn.Module:
     """The gated multi-step model of a ``{name, kwargs}`` or ``{factory, kwargs}`` spec (gates open).
 
-    A factory is imported only if trusted (``trust_factory=True`` or :func:`snncompress.registry.trust_code`);
+    A factory is imported only if trusted (``trust_factory=True`` or :func:`snncompress.registry.trusted`);
     its model must map ``example`` to ``[B, num_classes]`` in both step modes.
     """
     if "factory" in spec:

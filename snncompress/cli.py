@@ -169,7 +169,7 @@ def bench_cmd(run_dir: Optional[Path] = typer.Argument(None, help="Run directory
                                                     "'snncompress[openvino]'); default: the recipe's "
                                                     "deploy.runtime")) -> None:
     """Measure the slim model against the dense-shaped one: latency, SOPs, MACs, firing, energy, accuracy."""
-    from .deploy import require_runtime
+    from .runtime.sessions import require_runtime
     from .errors import SnnCompressError
     from .layout import RunLayout
     from .run import bench
@@ -272,7 +272,7 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
         console.print("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
         return
     if path.suffix == ".nir":
-        from .neuromorphic import NIR_FORMAT, describe_nodes, read_nir
+        from .export.nir import NIR_FORMAT, describe_nodes, read_nir
 
         graph = read_nir(path)
         table = Table("node", "type", "input", "output", title=f"{path} ({len(graph.nodes)} nodes, "
@@ -287,7 +287,7 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
             console.print(f"{k}: {v}", highlight=False)
         return
     if path.suffix == ".onnx":
-        from .deploy import read_onnx_metadata
+        from .export.onnx import read_onnx_metadata
 
         for k, v in read_onnx_metadata(path).items():
             console.print(f"{k}: {v}", highlight=False)

@@ -25,7 +25,7 @@ import torch
 
 from .artifacts import write_json, write_text
 from .checkpoint import build_model, model_spec
-from .config import METHOD_ONLY, STRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
+from .config import STRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
 from .data import encode, load_dataset
 from .errors import SnnCompressError, VerificationError
 from .layout import RunLayout
@@ -33,11 +33,11 @@ from .metrics import weight_counts
 from .plots import plot_pareto
 from .prune.groups import channel_groups
 from .prune.weights import round_half_up
-from .registry import METHODS
+from .prune.surgery import slim
+from .registry import METHODS, trusted
 from .run import bench, run_pipeline
 from .stages.bench import BenchSettings
 from .stages.slim import slim_checkpoint
-from .prune.surgery import slim
 from .stages.train import train
 
 COMPARE_FORMAT = "snncompress.compare/1"
@@ -58,8 +58,9 @@ def weight_density_for_keep(recipe: Recipe, keep: float) -> float:
 def variant_recipe(recipe: Recipe, method: str, keep: float, seed: int, density: float | None = None) -> Recipe:
     """The recipe of one variant: ``method`` at budget ``keep`` (see the module docstring) and ``seed``.
 
-    ``density`` is ``D(keep)`` (needed for unstructured methods). Schedule, ``min_channels`` and the
-    method-specific fields come from the recipe's prune section.
+    ``density`` is ``D(keep)`` (needed for unstructured methods). Schedule and ``min_channels`` come from the
+    recipe's prune section; the method's options too where it is the recipe's method (another method runs with
+    its defaults).
     """
     if method not in METHODS:
         raise SnnCompressError(f"compare: unknown method {method!r}; choose from {', '.join(METHODS.names())}")
@@ -74,9 +75,8 @@ def variant_recipe(recipe: Recipe, method: str, keep: float, seed: int, density:
         # regrowth stays the same share of the kept channels as in the recipe
         share = defaults["regrow"] / defaults["keep"] if base.unstructured else base.regrow / base.keep
         prune.update(keep=keep, regrow=share * keep, sparsity=None)
-    for key, owners in METHOD_ONLY.items():  # another method's fields go back to their defaults
-        if method not in owners:
-            prune[key] = defaults[key]
+    if method != base.method:  # another method's options are not this one's
+        prune["options"] = {}
     data = {**recipe.model_dump(mode="json"), "name": f"{recipe.name}-{method}-keep{keep:g}-seed{seed}",
             "seed": seed, "baseline": False, "prune": prune}
     return parse_recipe(data, f"compare variant {method} keep {keep:g} seed {seed}")
@@ -115,9 +115,15 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
     """Train, slim and bench every method x keep x seed; write compare.json, compare.md, compare.png.
 
     ``keeps`` default to the recipe's ``prune.keep``; seeds are ``recipe.seed ... recipe.seed + seeds - 1``;
-    ``baseline`` (default: the recipe's) adds one dense run per seed as the reference row ``dense``.
+    ``baseline`` (default: the recipe's) adds one dense run per seed as the reference row ``dense``. User code
+    the recipe names is trusted for the call, as ``run`` trusts it.
     """
-    out = Path(out_dir)
+    with trusted(*recipe.user_code()):
+        return _compare(recipe, Path(out_dir), methods, keeps, seeds, baseline, progress, log, settings)
+
+
+def _compare(recipe: Recipe, out: Path, methods: list[str], keeps: list[float] | None, seeds: int,
+             baseline: bool | None, progress: bool, log: Callable[[str], None], settings: BenchSettings | None) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SnnCompressError(f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; "

@@ -10,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import importlib
+
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import RecipeError
-from .registry import METHODS, MODELS, is_code_string
+from .registry import BUDGET_UNITS, METHODS, MODELS, is_code_string
 
 
 def _fraction(v: float) -> float:
@@ -193,14 +196,105 @@ class TrainCfg(_Strict):
     l1_gamma: NonNegative = 0.0
 
 
-# fields that mean something for one method only: setting one for another method is an error
-METHOD_ONLY = {"weight_regrow": ("criticality_unstructured",), "scope": ("pq",), "er_init": ("pq",)}
-STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to", "sop_hold")  # channel budgets; unstructured methods set sparsity
+STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to", "sop_hold", "pq")  # channel budgets;
+# unstructured methods set sparsity
 
 
 def method_family(method: str) -> str | None:
     """``structured`` or ``unstructured`` for a registered method; None for user code not imported yet."""
     return METHODS.meta(method)["family"] if method in METHODS else None
+
+
+def method_ramps(method: str) -> bool:
+    """Whether the method ramps to its target (False: at its target from the first epoch, like ``pq``);
+    True for user code not imported yet."""
+    return METHODS.meta(method).get("ramp", True) if method in METHODS else True
+
+
+def option_errors(schema: Any, data: Any) -> tuple[BaseModel | None, list[str]]:
+    """``data`` validated by a method's own options model ``schema``: (the options, []) or (None, the errors as
+    suffixes of the field's path: ``.option: what is wrong`` or ``: what is wrong``)."""
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        return None, [f": the method's Options is not a pydantic model (got {type(schema).__name__})"]
+    if not isinstance(data, dict):
+        return None, [f": must be a mapping of the method's options, got {type(data).__name__}"]
+    try:
+        return schema.model_validate(data), []
+    except ValidationError as e:
+        lines = [_format_error(err, schema) for err in e.errors(include_url=False)]
+        return None, [line.removeprefix("recipe") if line.startswith("recipe: ") else "." + line for line in lines]
+
+
+def validate_options(schema: Any, data: Any, where: str) -> BaseModel:
+    """``data`` validated by a method's own options model ``schema``, or a :class:`RecipeError` naming ``where``
+    (the recipe field, e.g. ``prune.options``) and each bad option."""
+    options, errors = option_errors(schema, data)
+    if errors:
+        raise RecipeError("; ".join(where + line for line in errors))
+    return options
+
+
+def _builtin_options(method: str) -> type[BaseModel] | None:
+    """The options model a registered method's declaration names (torch-free), or None (no options)."""
+    code = METHODS.meta(method).get("options")
+    if code is None:
+        return None
+    module, attr = code.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class PQIndex(_Strict):
+    """PQ index norms and adaptive-ratio constants (Diao et al. 2023) of ``budget: pq``; the ``pq`` method takes
+    the same ones among its options."""
+
+    p: Positive = 0.5  # 0 < p < q (Diao et al.: 0.5, 1)
+    q: Positive = 1.0
+    eta: NonNegative = 0.0  # ratio slowdown (Diao: 0; Shen et al.: 0.001)
+    gamma: Positive = 1.0  # ratio scale
+    beta: Fraction = 0.9  # ratio cap (budget pq: a group's pruned fraction; method pq: the rewired fraction)
+
+    @model_validator(mode="after")
+    def _p_below_q(self) -> "PQIndex":
+        if self.p >= self.q:
+            raise ValueError(f"q: must be > p ({self.p}), got {self.q}")
+        return self
+
+
+# The one translation of older recipes (and of the recipes stored in older checkpoints): the flat method
+# fields of snncompress <= 0.1.0 and where they live now. A value equal to the old default is dropped (old
+# dumps state every field); another value moves, or is refused with its new spelling.
+LEGACY_PRUNE = {  # old key: (old default, methods whose options hold it now (None: any), new key)
+    "l1_gamma": (1e-4, ("criticality",), "l1_gamma"),
+    "weight_regrow": (0.5, ("criticality_unstructured",), "weight_regrow"),
+    "scope": ("layer", ("pq",), "scope"),
+    "er_init": (True, ("pq",), "er_init"),
+    **{f"pq_{k}": (d, ("pq",), k) for k, d in (("p", 0.5), ("q", 1.0), ("eta", 0.0), ("gamma", 1.0), ("beta", 0.9))},
+}
+
+
+def _translate_legacy(data: dict) -> dict:
+    data = dict(data)
+    method = data.get("method", "sca")
+    options, pq = dict(data.get("options") or {}), dict(data.get("pq") or {})
+    for old, (default, owners, new) in LEGACY_PRUNE.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if value == default:
+            continue
+        if method in owners:
+            options.setdefault(new, value)
+        elif old.startswith("pq_") and data.get("budget") == "pq":
+            pq.setdefault(new, value)
+        else:
+            where = f"prune.options.{new} (method {' / '.join(owners)})" + \
+                (f" or prune.pq.{new} (budget: pq)" if old.startswith("pq_") else "")
+            raise ValueError(f"{old}: now spelled {where}; not an option of method {method}")
+    if options:
+        data["options"] = options
+    if pq:
+        data["pq"] = pq
+    return data
 
 
 class PruneCfg(_Strict):
@@ -209,22 +303,22 @@ class PruneCfg(_Strict):
     Structured methods keep a fraction ``keep`` of the conv *channels*; unstructured methods remove a
     fraction ``sparsity`` of the conv + linear *weights*. Each family's fields are refused for the other.
     ``method`` is a registered name (``snncompress info`` lists them) or a user's own
-    ``package.module:Class`` (imported only when trusted, like a model factory).
+    ``package.module:Class`` (imported only when trusted, like a model factory); ``options`` are the
+    method's own, checked by its ``Options`` model.
     """
 
     method: str = "sca"
+    options: dict[str, Any] = Field(default_factory=dict)  # the method's own options (docs/methods.md)
     keep: Fraction = 0.3  # structured: target fraction kept, of the unit `budget_unit` names
-    # what `keep` is a fraction of: conv channels, the dense model's MACs, its SOPs (as measured on training
-    # batches) or its latency on deploy.runtime (a per-layer table measured once); docs/methods.md, "Budget units"
-    budget_unit: Literal["channels", "macs", "sops", "latency"] = "channels"
+    # what `keep` is a fraction of: a registered budget unit (conv channels, the dense model's MACs, its SOPs as
+    # measured on training batches, its latency on deploy.runtime) or your own 'package.module:Class';
+    # docs/methods.md, "Budget units"
+    budget_unit: str = "channels"
     # budget_unit sops: weight of the loss term (SOPs / target - 1)^2 that holds the SOPs on the target
     # once the masks reach it (training after the selection moves the firing); 0: off
     sop_hold: NonNegative = 10.0
     regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
     sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed
-    weight_regrow: FractionOpen = 0.5  # criticality_unstructured: share r of the kept weights chosen by criticality
-    scope: Literal["layer", "neuron"] = "layer"  # pq: the PQ index and rewiring count per layer or per output neuron
-    er_init: bool = True  # pq: Erdos-Renyi(-kernel) per-layer densities at init (false: the same density everywhere)
     warmup_epochs: NonNegativeInt = 2  # epochs before the first update (dense; pq: sparse from epoch 0)
     ramp_epochs: NonNegativeInt = 8  # cubic ramp of the budget to its target; 0 = one-shot (pq: sparse from the start)
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
@@ -234,12 +328,7 @@ class PruneCfg(_Strict):
     # deploy.runtime on this CPU (docs/methods.md, "Channel blocks")
     round_to: Annotated[int | str, PlainValidator(_round_to)] = 1
     budget: Literal["global", "pq"] = "global"  # one global ranking, or per-group budgets from the PQ index
-    l1_gamma: NonNegative = 1e-4  # criticality: weight of the L1 penalty on BN gamma in the loss
-    pq_p: Positive = 0.5  # budget pq / method pq: PQ index norms, 0 < pq_p < pq_q (Diao et al.: 0.5, 1)
-    pq_q: Positive = 1.0
-    pq_eta: NonNegative = 0.0  # PQ ratio slowdown eta (Diao: 0; Shen et al.: 0.001)
-    pq_gamma: Positive = 1.0  # PQ ratio scale gamma
-    pq_beta: Fraction = 0.9  # PQ ratio cap beta (budget pq: on a group's pruned fraction; method pq: rewired fraction)
+    pq: PQIndex = PQIndex()  # budget pq: the PQ index constants
 
     @property
     def family(self) -> str | None:
@@ -250,19 +339,49 @@ class PruneCfg(_Strict):
     def unstructured(self) -> bool:
         return self.family == "unstructured"
 
-    @model_validator(mode="after")
-    def _known_method(self) -> "PruneCfg":
-        if self.method not in METHODS and not is_code_string(self.method):
-            raise ValueError(f"method: unknown method {self.method!r}; registered: {', '.join(METHODS.names())} "
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_and_options(cls, data: Any) -> Any:
+        """Older spellings translated; a registered method's options checked by its own model and completed
+        with its defaults (a user's method: when it is imported, see ``build_pruner``)."""
+        if not isinstance(data, dict):
+            return data
+        data = _translate_legacy(data)
+        method = data.get("method", "sca")
+        if isinstance(method, str) and method in METHODS:
+            schema = _builtin_options(method)
+            given = data.get("options") or {}
+            if schema is None and given:
+                raise ValueError(f"options: method {method} has no options, got {given!r}")
+            if schema is not None:
+                options, errors = option_errors(schema, given)
+                if errors:
+                    raise ValueError(f"options{errors[0]}")
+                data = {**data, "options": options.model_dump(mode="json")}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS and not is_code_string(v):
+            raise ValueError(f"unknown method {v!r}; registered: {', '.join(METHODS.names())} "
                              "(or your own as 'package.module:Class')")
-        return self
+        return v
+
+    @field_validator("budget_unit")
+    @classmethod
+    def _known_unit(cls, v: str) -> str:
+        if v not in BUDGET_UNITS and not is_code_string(v):
+            raise ValueError(f"unknown budget unit {v!r}; registered: {', '.join(BUDGET_UNITS.names())} "
+                             "(or your own as 'package.module:Class')")
+        return v
 
     @model_validator(mode="after")
     def _regrow_inside_keep(self) -> "PruneCfg":
         if self.regrow >= self.keep:
             raise ValueError(f"regrow: must be < keep ({self.keep}), got {self.regrow}")
-        if self.pq_p >= self.pq_q:
-            raise ValueError(f"pq_q: must be > pq_p ({self.pq_p}), got {self.pq_q}")
+        if self.budget != "pq" and self.pq != PQIndex():
+            raise ValueError("pq: only for budget: pq (method pq takes its constants in prune.options)")
         return self
 
     @model_validator(mode="after")
@@ -280,10 +399,8 @@ class PruneCfg(_Strict):
                                      "set sparsity")
         elif family == "structured" and self.sparsity is not None:
             raise ValueError(f"sparsity: only for unstructured methods; method {self.method} keeps channels: set keep")
-        for key, methods in METHOD_ONLY.items():
-            if self.method not in methods and getattr(self, key) != defaults[key].default:
-                raise ValueError(f"{key}: only for method {' / '.join(methods)}, not {self.method}")
         return self
+
 
 
 RUNTIMES = ("onnxruntime", "openvino")  # CPU runtimes an exported model is timed on (openvino: an optional extra)
@@ -319,7 +436,7 @@ class Recipe(_Strict):
         p = self.prune
         if p is None:
             return self
-        if p.method == "pq":  # sparse from the start: no ramp
+        if not method_ramps(p.method):  # at its target from the start: no ramp
             if p.warmup_epochs + p.finetune_epochs > self.train.epochs:
                 raise ValueError("prune: warmup_epochs + finetune_epochs must be <= train.epochs, got "
                                  f"{p.warmup_epochs} + {p.finetune_epochs} > {self.train.epochs}")
@@ -331,6 +448,12 @@ class Recipe(_Strict):
                 f"{self.train.epochs}"
             )
         return self
+
+    def user_code(self) -> list[str]:
+        """The ``package.module:attribute`` strings of user code the recipe names (a model factory, a method,
+        a budget unit): running the recipe trusts them (``snncompress.registry.trusted``)."""
+        named = [self.model.factory, *((self.prune.method, self.prune.budget_unit) if self.prune else ())]
+        return [c for c in named if c is not None and is_code_string(c)]
 
     def dense(self) -> "Recipe":
         """The same recipe without pruning (the baseline)."""
@@ -351,15 +474,17 @@ def _allowed_keys(loc: tuple, root: type[BaseModel] = Recipe) -> list[str]:
     return []
 
 
-def _format_error(err: dict) -> str:
-    """One error as ``field.path: what is wrong, got <value>``."""
+def _format_error(err: dict, root: type[BaseModel] = Recipe) -> str:
+    """One error as ``field.path: what is wrong, got <value>`` (the path from ``root``)."""
     loc = tuple(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(loc, root)
         return f"{'.'.join(map(str, loc))}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     head, sep, rest = msg.partition(": ")
-    model_level = err["type"] == "value_error" and sep and head in _allowed_keys((*loc, head))
+    # a model-level validator names the field it is about (options.x: an option of a method's own model)
+    model_level = err["type"] == "value_error" and sep and (head.split(".")[0] in _allowed_keys((*loc, head), root)
+                                                            or head in LEGACY_PRUNE)
     if model_level:  # a model-level validator names the field it is about; its input is the whole section
         loc, msg = (*loc, head), rest
     path = ".".join(map(str, loc)) or "recipe"

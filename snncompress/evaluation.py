@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,16 +36,29 @@ def runtime_agreement(got: np.ndarray, reference: np.ndarray) -> dict:
 
 
 @torch.no_grad()
+def batch_logits(run: Callable[[torch.Tensor], torch.Tensor | np.ndarray], x: torch.Tensor, T: int, encoding: str,
+                 batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """The logits ``run`` gives for dataset samples ``x``, batch by batch: ``run`` takes a batch of model inputs
+    (:func:`~snncompress.data.eval_batches`: the same spikes for every model and runtime compared) and returns
+    its logits (a PyTorch model, a runtime session, a NIR simulation)."""
+    out = [run(inp) for inp in eval_batches(x, T, encoding, batch_size)]
+    return np.concatenate([o.detach().float().cpu().numpy() if torch.is_tensor(o) else np.asarray(o) for o in out])
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, encoding: str = "direct",
              batch_size: int = EVAL_BATCH) -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, logits) of a multi-step model on a normalised image set."""
     model.eval()
     device = next(model.parameters()).device
-    logits = []
-    for inp in eval_batches(x, T, encoding, batch_size):
-        logits.append(model(to_steps(inp, T, encoding).to(device)).float().cpu())
-        functional.reset_net(model)
-    out = torch.cat(logits)
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        try:
+            return model(to_steps(inp, T, encoding).to(device))
+        finally:
+            functional.reset_net(model)
+
+    out = torch.from_numpy(batch_logits(run, x, T, encoding, batch_size))
     return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item(), out
 
 

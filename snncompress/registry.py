@@ -1,22 +1,24 @@
-"""Name registries for models and pruning methods, in the style of timm's ``register_model``.
+"""Name registries for models, pruning methods and budget units, in the style of timm's ``register_model``.
 
-Torch-free on purpose: the recipe schema (:mod:`snncompress.config`) validates ``model.name`` and
-``prune.method`` against these names without importing torch. Built-in entries are declared here as
-``"module:attribute"`` strings and imported on first use; the modules they point to register the real
-object with the same decorator a user calls (``@sc.register_model`` / ``@sc.register_method``), and
-a test checks that both agree.
+Torch-free on purpose: the recipe schema (:mod:`snncompress.config`) validates ``model.name``,
+``prune.method`` and ``prune.budget_unit`` against these names without importing torch. Built-in entries are
+declared here as ``"module:attribute"`` strings and imported on first use; the modules they point to register
+the real object with the same decorator a user calls (``@sc.register_model`` / ``@sc.register_method`` /
+``@sc.register_budget_unit``), and a test checks that both agree.
 
-User code named in a recipe (``"package.module:attribute"``, a model factory or a method) is imported
-only when trusted (:func:`trust_code`): by naming it in the recipe the user runs, or by passing
-``--trust-code`` / ``trust_code=True``. A checkpoint is a file people pass around; naming code in it
-is not enough to run that code.
+User code named in a recipe (``"package.module:attribute"``: a model factory, a method or a budget unit) is
+imported only when trusted: inside :func:`trusted` (the train and run stages trust what the recipe they run
+names), or with an explicit ``trust=True`` (``--trust-code``). A checkpoint is a file people pass around;
+naming code in it is not enough to run that code.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import re
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from .errors import SnnCompressError, first_line
 
@@ -33,25 +35,33 @@ def is_code_string(text: str) -> bool:
     return isinstance(text, str) and bool(CODE_PATTERN.fullmatch(text))
 
 
-_TRUSTED: set[str] = set()
+# the user code trusted in the current context (a context variable: it ends with the block that trusts it)
+_TRUSTED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("snncompress_trusted", default=frozenset())
 
 
-def trust_code(code: str) -> None:
-    """Allow ``package.module:attribute`` to be imported and run for the rest of this process."""
-    _TRUSTED.add(code)
+@contextmanager
+def trusted(*codes: str | None) -> Iterator[None]:
+    """Allow the ``package.module:attribute`` strings ``codes`` (None and names are ignored) to be imported
+    and run inside the block, e.g. what the recipe being run names."""
+    token = _TRUSTED.set(_TRUSTED.get() | {c for c in codes if c is not None and is_code_string(c)})
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
 
 
 def is_trusted(code: str) -> bool:
-    return code in _TRUSTED
+    return code in _TRUSTED.get()
 
 
 def import_code(code: str, what: str, trust: bool = False) -> Any:
-    """The object ``package.module:attribute`` names; refused, without importing, unless trusted."""
+    """The object ``package.module:attribute`` names; refused, without importing, unless ``trust`` or
+    trusted in this context (:func:`trusted`)."""
     if not is_code_string(code):
         raise UntrustedCodeError(f"{what}: must be 'package.module:attribute', got {code!r}")
     if not (trust or is_trusted(code)):
         raise UntrustedCodeError(f"{what} {code!r} is not trusted: using it would import and run its code; refused "
-                                 "(pass --trust-code, or trust_code=True in Python, if you trust it)")
+                                 "(pass --trust-code, or trust_factory=True in Python, if you trust it)")
     module_name, attr_path = code.split(":")
     try:
         obj = importlib.import_module(module_name)
@@ -98,6 +108,11 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._lazy or name in self._objects
 
+    def resolve(self, name: str, what: str, trust: bool = False) -> Any:
+        """A registered name's object, or the user code ``package.module:attribute`` names (imported only
+        when trusted, see :func:`import_code`); ``what`` names the recipe field in messages."""
+        return self.get(name) if name in self else import_code(name, what, trust)
+
 
 _VGG, _RESNET = "snncompress.models.vgg", "snncompress.models.resnet"
 MODELS = Registry("model", {
@@ -105,15 +120,26 @@ MODELS = Registry("model", {
     **{f"{p}resnet{d}": (f"{_RESNET}:{p}resnet{d}", {}) for p in ("", "sew_") for d in (18, 19, 20)},
 })
 
-_S, _U = {"family": "structured"}, {"family": "unstructured"}
+# a method's metadata, readable without importing it: its family, its options model (torch-free), and
+# "ramp": False for a method at its target from the first epoch; register_method derives the same from the class
+_S, _U, _OPT = {"family": "structured"}, {"family": "unstructured"}, "snncompress.prune.options"
 METHODS = Registry("pruning method", {
     "sca": ("snncompress.prune.sca:ActivityScorer", _S),
     "random": ("snncompress.prune.baselines:RandomScorer", _S),
     "l1": ("snncompress.prune.baselines:L1Scorer", _S),
     "bn": ("snncompress.prune.baselines:BNScorer", _S),
-    "criticality": ("snncompress.prune.criticality:CriticalityScorer", _S),
-    "criticality_unstructured": ("snncompress.prune.unstructured:CriticalityWeightPruner", _U),
-    "pq": ("snncompress.prune.unstructured:PQWeightPruner", _U),
+    "criticality": ("snncompress.prune.criticality:CriticalityScorer", {**_S, "options": f"{_OPT}:CriticalityOptions"}),
+    "criticality_unstructured": ("snncompress.prune.unstructured:CriticalityWeightPruner",
+                                 {**_U, "options": f"{_OPT}:CriticalityWeightOptions"}),
+    "pq": ("snncompress.prune.unstructured:PQWeightPruner", {**_U, "options": f"{_OPT}:PQOptions", "ramp": False}),
+})
+
+
+BUDGET_UNITS = Registry("budget unit", {
+    "channels": ("snncompress.prune.costs.channels:Channels", {}),
+    "macs": ("snncompress.prune.costs.macs:MacCost", {}),
+    "sops": ("snncompress.prune.costs.sops:SopCost", {}),
+    "latency": ("snncompress.runtime.latency:LatencyCost", {}),
 })
 
 
@@ -127,11 +153,28 @@ def register_method(name: str, family: str = "structured") -> Callable:
 
     ``family="structured"``: a :class:`~snncompress.prune.scorer.Scorer` subclass (it scores channels;
     selection, schedule and gates are shared). ``family="unstructured"``: a class implementing the
-    :class:`~snncompress.prune.pruner.Pruner` protocol itself (weight masks).
+    :class:`~snncompress.prune.pruner.Pruner` protocol itself (weight masks). The class's ``Options`` (a pydantic
+    model of the method's own options, ``prune.options``) and ``ramps = False`` (at its target from the first
+    epoch) are recorded with it.
     """
     if family not in FAMILIES:
         raise ValueError(f"register_method: family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    return METHODS.register(name, family=family)
+
+    def deco(cls: Any) -> Any:
+        meta: dict[str, Any] = {"family": family}
+        options = getattr(cls, "Options", None)
+        if getattr(options, "model_fields", None):  # a pydantic model with at least one option
+            meta["options"] = f"{options.__module__}:{options.__qualname__}"
+        if getattr(cls, "ramps", True) is False:
+            meta["ramp"] = False
+        return METHODS.register(name, **meta)(cls)
+    return deco
+
+
+def register_budget_unit(name: str) -> Callable:
+    """Register a budget unit under ``name``: a :class:`~snncompress.prune.costs.unit.CostUnit` subclass
+    (``prune.budget_unit: name``; docs/methods.md, "Adding a budget unit")."""
+    return BUDGET_UNITS.register(name)
 
 
 def list_models() -> list[str]:

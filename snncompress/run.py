@@ -17,11 +17,12 @@ from .artifacts import load_checkpoint, write_json
 from .checkpoint import recipe_of
 from .config import Recipe
 from .data import load_dataset
-from .deploy import exported_from, require_runtime
 from .errors import SnnCompressError
+from .export.nir import nir_exported_from
+from .export.onnx import exported_from
 from .layout import RunLayout
-from .neuromorphic import nir_exported_from
-from .registry import is_code_string, trust_code
+from .registry import trusted
+from .runtime.sessions import require_runtime
 from .stages.bench import BenchSettings, bench_models
 from .stages.export import export_nir, export_onnx
 from .stages.slim import slim_checkpoint
@@ -75,8 +76,10 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
 
     Under ``torchrun`` every process takes part in the training stages; then the others leave and
     rank 0 alone slims, exports and benches (and writes ``run.json``). They return None.
+
+    User code the recipe names (a model factory, a method, a budget unit) is trusted for the call.
     """
-    with distributed.session():
+    with distributed.session(), trusted(*recipe.user_code()):
         return _run(recipe, RunLayout(out_dir), progress, resume, log)
 
 
@@ -86,9 +89,6 @@ def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Call
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
     require_runtime(recipe.deploy.runtime)  # the bench runs on it: fail before training, not after
-    for code in (recipe.model.factory, recipe.prune.method):  # the user's own recipe names them: trusted
-        if code and is_code_string(code):
-            trust_code(code)
     recipe_json = recipe.model_dump(mode="json")
     status = {"format": RUN_FORMAT, "recipe": recipe_json, "stages": {}}
     if recipe.model.weights:  # checked before anything is written: weights that do not fit leave no run behind

@@ -6,7 +6,7 @@ import io
 
 import torch.nn as nn
 
-from snncompress.neuromorphic import Simulator
+from snncompress.export.nir import Simulator
 
 
 def snntorch_simulator(graph) -> Simulator:

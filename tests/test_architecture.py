@@ -26,8 +26,7 @@ PKG = ROOT / "snncompress"
 
 # layer of every top-level module / package of snncompress (see docs/design.md)
 LAYERS = {"errors": 0, "registry": 0, "config": 0, "layout": 0, "artifacts": 1, "distributed": 1, "models": 1,
-          "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "deploy": 3, "plots": 3,
-          "neuromorphic": 3, "latency": 3,
+          "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "plots": 3, "export": 3, "runtime": 3,
           "stages": 4, "run": 5, "compare": 5, "cli": 6, "__init__": 7, "__main__": 7}
 STAGES = {"train", "slim", "export", "bench"}
 
@@ -265,8 +264,8 @@ def test_unroll_auto_never_retries_after_a_failed_verification(run_dir, tmp_path
         return real(model, example, T, encoding, lean, order)
 
     monkeypatch.setattr(export, "unrolled_onnx", spy)
-    monkeypatch.setattr(export, "run_onnx", lambda *a: real_run(*a) + 1.0)  # onnxruntime "disagrees"
-    real_run = __import__("snncompress.deploy", fromlist=["run_onnx"]).run_onnx
+    real_session = export._onnxruntime
+    monkeypatch.setattr(export, "_onnxruntime", lambda m: lambda inp, run=real_session(m): run(inp) + 1.0)  # disagrees
     with pytest.raises(sc.VerificationError, match="unrolled by step"):
         export.export_onnx(run_dir / "slim.pt", tmp_path / "m.onnx", order="auto")
     assert orders == ["step"] and not (tmp_path / "m.onnx").exists()

@@ -8,10 +8,14 @@ from spikingjelly.activation_based import functional
 import snncompress
 from snncompress.config import DeployCfg, parse_recipe
 from snncompress.data import encode, load_dataset
-from snncompress.latency import CALIBRATION, fit_weights, measure_latency
 from snncompress.metrics import count_macs, spike_stats
-from snncompress.prune.cost import CostModel, Layer, LatencyTable, SopMeter, _Selection, channel_block, model_layers, \
-    resolve_round_to, table_grid
+from snncompress.prune.blocks import channel_block, resolve_round_to
+from snncompress.prune.budget import Budget, _Selection
+from snncompress.prune.costs import Layer, model_layers
+from snncompress.prune.costs.macs import MacCost
+from snncompress.prune.costs.sops import SopCost, SopMeter
+from snncompress.runtime.latency import (CALIBRATION, LatencyCost, LatencyFit, LatencyTable, fit_weights,
+                                         measure_latency, table_grid)
 from snncompress.prune.gates import ChannelGroup, set_masks
 from snncompress.prune.groups import channel_groups
 from snncompress.prune.select import select_masks
@@ -35,8 +39,9 @@ def _masks(a: list[int], b: list[int]) -> dict[str, torch.Tensor]:
 
 
 def test_mac_cost_and_marginal_cost_by_hand():
-    cost = CostModel("macs", LAYERS, GROUPS, T)
-    assert cost.dense == 2304 + 6912 + 480
+    unit = MacCost(LAYERS, GROUPS, T)
+    cost = Budget(unit, GROUPS)
+    assert unit.dense == 2304 + 6912 + 480
     sel = _Selection(cost, _masks([1, 1, 0, 0], [1, 1, 1, 0, 0, 0]))
     # 2 x 2 x 288 + 2 x 3 x 288 + 3 x 10 x 8
     assert sel.total() == cost.cost(sel.masks) == 1152 + 1728 + 240
@@ -47,7 +52,7 @@ def test_mac_cost_and_marginal_cost_by_hand():
 
 
 def test_rounding_counts_whole_blocks():
-    cost = CostModel("macs", LAYERS, GROUPS, T, round_to=4)
+    cost = Budget(MacCost(LAYERS, GROUPS, T), GROUPS, round_to=4)
     # a keeps 1 -> billed as 4; b keeps 1 -> billed as 4 (of 6)
     assert cost.cost(_masks([1, 0, 0, 0], [1, 0, 0, 0, 0, 0])) == 2 * 4 * 288 + 4 * 4 * 288 + 4 * 10 * 8
     assert resolve_round_to(8) == 8 and resolve_round_to("auto") == channel_block() in (1, 8, 16)
@@ -67,7 +72,7 @@ def _ranking(a_scores: list[float]):
 @pytest.mark.parametrize("a_scores, budget, b_kept, total", [([4.0, 3, 2, 1], 2000, 3, 1680),
                                                              ([10.0, 9.5, 2, 1], 1600, 2, 1312)])
 def test_selection_keeps_the_ranking_that_fits_then_fills_with_cheaper_channels(a_scores, budget, b_kept, total):
-    cost = CostModel("macs", LAYERS, GROUPS, T)
+    cost = Budget(MacCost(LAYERS, GROUPS, T), GROUPS)
     scores, pick = _ranking(a_scores)
     masks = cost.select(pick, budget, scores)
     assert masks["a"].tolist() == [True, False, False, False]
@@ -76,22 +81,22 @@ def test_selection_keeps_the_ranking_that_fits_then_fills_with_cheaper_channels(
 
 
 def test_the_ramp_schedules_channels_and_budgets_what_they_cost():
-    cost = CostModel("macs", LAYERS, GROUPS, T)
+    cost = Budget(MacCost(LAYERS, GROUPS, T), GROUPS)
     scores, pick = _ranking([4.0, 3, 2, 1])
     # at 2000 the selection keeps 4 of the 10 channels (a0; b0-b2, as above); half way through the ramp
     # 4 + 6 / 2 = 7 channels: the ranking's a0, b0-b4, a1 cost 2x2x288 + 2x5x288 + 5x10x8
     assert cost.ramp_budget(pick, 2000, scores, 0.5) == 1152 + 2880 + 400
     assert cost.ramp_budget(pick, 2000, scores, 0.0) == 2000
-    assert cost.ramp_budget(pick, 2000, scores, 1.0) == cost.dense
+    assert cost.ramp_budget(pick, 2000, scores, 1.0) == cost.unit.dense
 
 
 def test_sop_cost_weights_each_input_channel():
-    cost = CostModel("sops", LAYERS, GROUPS, T)
-    cost.weights = {"conv1": torch.tensor([5.0, 5.0]), "conv2": torch.tensor([10.0, 20, 30, 40]),
+    unit = SopCost(LAYERS, GROUPS, T)
+    unit.weights = {"conv1": torch.tensor([5.0, 5.0]), "conv2": torch.tensor([10.0, 20, 30, 40]),
                     "fc": torch.tensor([1.0, 2, 3, 4, 5, 6])}
     masks = _masks([1, 0, 1, 0], [1, 1, 1, 0, 0, 0])
     # conv1: 10 x 2 outputs; conv2: (10 + 30) x 3 outputs; fc: (1 + 2 + 3) x 10 outputs
-    assert cost.cost(masks) == 20 + 120 + 60
+    assert Budget(unit, GROUPS).cost(masks) == 20 + 120 + 60
 
 
 def test_latency_table_rounds_up_to_blocks_and_interpolates():
@@ -109,17 +114,18 @@ def test_latency_cost_is_weighted_tables_plus_outputs_and_the_weights_fit_whole_
     tables = {"conv1": LatencyTable([2], [1, 4], [[0.02, 0.08]], block=1),
               "conv2": LatencyTable([1, 4], [1, 6], [[0.01, 0.06], [0.04, 0.24]], block=1),
               "fc": LatencyTable([1, 6], [10], [[0.1], [0.6]], block=1)}
-    cost = CostModel("latency", LAYERS, GROUPS, T)
-    cost.set_latency(tables, 10.0, scale=2.0, elem=0.001)
+    unit = LatencyCost(LAYERS, GROUPS, T)
+    unit.load_measurement(LatencyFit(tables, 10.0, scale=2.0, elem=0.001, calibration=[]).to_dict())
+    cost = Budget(unit, GROUPS)
     masks = _masks([1, 1, 1, 0], [1, 1, 0, 0, 0, 0])
     # T x (2 x table + 0.001 x outputs of one step): conv1 2x3 channels, 3 x 16 outputs; conv2 3x2, 2 x 16; fc 2x10, 10
     assert cost.cost(masks) == pytest.approx(2 * (0.12 + 0.048) + 2 * (0.12 + 0.032) + 2 * (0.4 + 0.01))
-    assert cost.dense == 10.0  # the budget's reference is the dense network as measured
+    assert unit.dense == 10.0  # the budget's reference is the dense network as measured
     # networks timed whole at these weights give them back
     kept = [{"a": 4, "b": 6}, {"a": 1, "b": 1}, {"a": 3, "b": 2}, {"a": 2, "b": 5}]
     calibration = [{"kept": k, "ms": cost.cost({"a": torch.arange(4) < k["a"], "b": torch.arange(6) < k["b"]})}
                    for k in kept]
-    assert fit_weights(cost, tables, calibration) == pytest.approx((2.0, 0.001))
+    assert fit_weights(unit, tables, calibration) == pytest.approx((2.0, 0.001))
 
 
 def _tiny_model(model: dict, encoding: str = "direct"):
@@ -131,11 +137,11 @@ def _tiny_model(model: dict, encoding: str = "direct"):
 
 def test_the_latency_fit_times_the_dense_network_and_slim_versions_of_it_on_the_runtime():
     net, example, groups, data = _tiny_model({"name": "vgg", "layers": [16, 32, "M", 32]})
-    cost = CostModel("latency", model_layers(net, example, groups), groups, 2)
+    unit = LatencyCost(model_layers(net, example, groups), groups, 2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    fit = measure_latency(cost, net, data.x_train[:4], 2, "direct", DeployCfg(batch_size=4))
+    fit = measure_latency(unit, net, data.x_train[:4], 2, "direct", DeployCfg(batch_size=4))
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # timed on copies
-    assert set(fit.tables) == {lay.name for lay in cost.layers} and fit.dense_ms > 0
+    assert set(fit.tables) == {lay.name for lay in unit.layers} and fit.dense_ms > 0
     block = channel_block()
     sizes = {g.name: g.size for g in groups}
     assert len(fit.calibration) == CALIBRATION + 2 and fit.calibration[0]["kept"] == sizes  # the dense one,
@@ -143,16 +149,16 @@ def test_the_latency_fit_times_the_dense_network_and_slim_versions_of_it_on_the_
     for c in fit.calibration:
         assert c["ms"] > 0 and all(n == sizes[g] or n % block == 0 for g, n in c["kept"].items()), c
     assert len({tuple(c["kept"].values()) for c in fit.calibration}) > 2  # networks of different widths
-    assert fit.scale >= 0 and fit.elem >= 0 and fit.scale + fit.elem > 0
-    assert (fit.scale, fit.elem) == fit_weights(cost, fit.tables, fit.calibration)
-    fit.apply(cost)
-    assert cost.dense == fit.dense_ms and cost.elem == fit.elem and cost.dense_cost() > 0
+    assert fit.scale + fit.elem > 0
+    unit.load_measurement(fit.to_dict())
+    assert not unit.needs_measurement and unit.dense == fit.dense_ms
+    assert Budget(unit, groups).cost({g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}) > 0
 
 
 @pytest.mark.parametrize("model", [{"name": "vgg", "layers": [8, 16, "M", 16]}, {"name": "resnet19", "width": 0.125}])
 def test_dense_macs_are_torchs_count(model):
     net, example, groups, _ = _tiny_model(model)
-    assert CostModel("macs", model_layers(net, example, groups), groups, 2).dense == count_macs(net, example)
+    assert MacCost(model_layers(net, example, groups), groups, 2).dense == count_macs(net, example)
 
 
 @pytest.mark.parametrize("encoding", ["direct", "poisson"])
@@ -160,7 +166,7 @@ def test_sop_meter_counts_what_spikingjellys_counter_counts(encoding):
     net, example, groups, data = _tiny_model({"name": "vgg", "layers": [8, 16, "M", 16]}, encoding)
     x = data.x_test[:48]
     layers = model_layers(net, example, groups)
-    cost = CostModel("sops", layers, groups, 2)
+    cost = SopCost(layers, groups, 2)
     meter = SopMeter(net, layers, 2)
     cost._meter, meter.active = meter, True
     reference = spike_stats(net, x, 2, encoding)["sops"]  # eval mode, the same deterministic inputs, metered too
@@ -173,13 +179,13 @@ def test_sop_meter_counts_what_spikingjellys_counter_counts(encoding):
     per_layer = spike_stats(net, x, 2, encoding)["per_layer"]["sops"]
     cost.absorb(masks)
     kept = {lay.name: int(masks[lay.out_group].sum()) / lay.n_out if lay.out_group else 1.0 for lay in layers}
-    assert cost.cost(masks) == pytest.approx(sum(per_layer[n] * kept[n] for n in per_layer), rel=1e-9)
+    assert Budget(cost, groups).cost(masks) == pytest.approx(sum(per_layer[n] * kept[n] for n in per_layer), rel=1e-9)
     meter.remove()
 
 
 def test_a_held_sop_budget_measures_each_training_batch_differentiably():
     net, example, groups, data = _tiny_model({"name": "vgg", "layers": [8, 16, "M", 16]}, "poisson")
-    cost = CostModel("sops", model_layers(net, example, groups), groups, 2)
+    cost = SopCost(model_layers(net, example, groups), groups, 2)
     cost.attach(net)
     x = encode(data.x_train[:16], 2, "poisson", torch.Generator().manual_seed(0))
     net.train()
@@ -189,18 +195,18 @@ def test_a_held_sop_budget_measures_each_training_batch_differentiably():
     cost.absorb({g.name: torch.ones(g.size, dtype=torch.bool) for g in groups})
     masks = {g.name: torch.arange(g.size) % 3 != 0 for g in groups}
     set_masks(net, groups, masks)
-    cost.hold(masks)
+    cost.hold(masks, 1.0)
     net(x)  # metered (no grad) and held (differentiable) in one forward
     functional.reset_net(net)
     held = cost.batch_sops()
     cost.absorb(masks)
-    assert held.requires_grad and held.item() == pytest.approx(cost.cost(masks), rel=1e-6)
+    assert held.requires_grad and held.item() == pytest.approx(Budget(cost, groups).cost(masks), rel=1e-6)
     held.backward()
     assert net.features.conv1.conv.weight.grad.abs().sum() > 0  # through the surrogate spikes
     assert cost.batch_sops() is None  # taken once
-    cost.hold(None)
+    cost.hold(None, 1.0)
     net(x)
-    assert cost.batch_sops() is None
+    assert cost.batch_sops() is None and cost.penalty() is None
     cost.remove()
 
 

@@ -33,12 +33,12 @@ def test_variant_recipes_map_keep_per_family():
     u = variant_recipe(base, "pq", 0.25, seed=0, density=0.2)
     assert u.prune.sparsity == pytest.approx(0.8) and u.prune.keep == 0.3 and u.prune.budget == "global"
     assert u.prune.warmup_epochs == base.prune.warmup_epochs and u.prune.min_channels == 1
-    # an unstructured recipe: pq's own fields carry over to pq only; structured variants get the default share
-    pq = parse_recipe({**TINY, "prune": {"method": "pq", "sparsity": 0.9, "scope": "neuron", "pq_eta": 0.001,
+    # an unstructured recipe: pq's own options carry over to pq only; structured variants get the default share
+    pq = parse_recipe({**TINY, "prune": {"method": "pq", "sparsity": 0.9, "options": {"scope": "neuron", "eta": 0.001},
                                          "warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1}})
-    assert variant_recipe(pq, "pq", 0.5, 0, density=0.3).prune.scope == "neuron"
+    assert variant_recipe(pq, "pq", 0.5, 0, density=0.3).prune.options["scope"] == "neuron"
     c = variant_recipe(pq, "criticality_unstructured", 0.5, 0, density=0.3)
-    assert c.prune.scope == "layer" and c.prune.pq_eta == 0.001 and c.prune.sparsity == pytest.approx(0.7)
+    assert c.prune.options == {"weight_regrow": 0.5} and c.prune.sparsity == pytest.approx(0.7)
     s = variant_recipe(pq, "sca", 0.5, 0)
     assert s.prune.sparsity is None and s.prune.regrow == pytest.approx(0.1 / 0.3 * 0.5)
     with pytest.raises(SnnCompressError, match="unknown method 'magic'"):

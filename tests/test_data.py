@@ -177,7 +177,7 @@ def test_pipeline_runs_on_real_formats(tmp_path, fmt):
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "run" / "bench.json").read_text())
     assert report["models"]["slim"]["accuracy"] == report["models"]["slim"]["accuracy_onnx"]
-    from snncompress.deploy import read_onnx_metadata
+    from snncompress.export.onnx import read_onnx_metadata
 
     meta = read_onnx_metadata(tmp_path / "run" / "model.onnx")
     expected = ["batch", 2, 2, 8, 8] if fmt == "frames" else ["batch", 3, 32, 32]
@@ -190,7 +190,8 @@ def test_poisson_pipeline_exports_spike_sequences(tmp_path):
     sc.slim_checkpoint(res.ckpt, tmp_path / "slim.pt")
     out = sc.export_onnx(tmp_path / "slim.pt", tmp_path / "m.onnx")
     assert out.max_abs_diff <= 1e-4
-    from snncompress.deploy import ort_session, read_onnx_metadata
+    from snncompress.export.onnx import read_onnx_metadata
+    from snncompress.runtime.sessions import ort_session
 
     assert json.loads(read_onnx_metadata(tmp_path / "m.onnx")["input_shape"]) == ["batch", 2, 1, 8, 8]
     sess = ort_session(tmp_path / "m.onnx")

@@ -7,7 +7,10 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 
 import snncompress as sc
-from snncompress.deploy import LeanNeuron, UnrolledSNN, to_onnx, fold_batchnorm, lean_neurons, ort_session
+from snncompress.export.fold import fold_batchnorm
+from snncompress.export.onnx import to_onnx
+from snncompress.export.unroll import LeanNeuron, UnrolledSNN, lean_neurons
+from snncompress.runtime.sessions import ort_session
 from snncompress.prune.gates import attach_gates
 
 

@@ -281,13 +281,14 @@ def test_criticality_penalty_is_l1_on_gamma():
     with torch.no_grad():
         net.bn.weight.copy_(torch.tensor([4.0, -3.0, 2.0, 1.0]))
     groups = [ChannelGroup("conv", 4, ["conv"], ["bn"], ["spike.gate"])]
-    pruner = build_pruner(net, groups, PruneCfg(method="criticality", l1_gamma=1e-3), epochs=30)
+    pruner = build_pruner(net, groups, PruneCfg(method="criticality", options={"l1_gamma": 1e-3}), epochs=30)
     pen = pruner.penalty()  # 1e-3 * (4 + 3 + 2 + 1) = 0.01
     assert pen.item() == pytest.approx(0.01)
     pen.backward()
     assert torch.allclose(net.bn.weight.grad, torch.tensor([1e-3, -1e-3, 1e-3, 1e-3]))  # l1_gamma * sign(gamma)
     assert build_pruner(_Tiny(), groups, PruneCfg(method="bn"), epochs=30).penalty().item() == 0.0
-    assert build_pruner(_Tiny(), groups, PruneCfg(method="criticality", l1_gamma=0), epochs=30).penalty().item() == 0.0
+    assert build_pruner(_Tiny(), groups, PruneCfg(method="criticality", options={"l1_gamma": 0}),
+                        epochs=30).penalty().item() == 0.0
 
 
 # --- baselines ----------------------------------------------------------------------------------
@@ -357,17 +358,43 @@ def test_random_scores_seeded_fresh_each_window():
 
 def test_recipe_fields_validated():
     r = parse_recipe({"prune": {"method": "criticality", "budget": "pq"}})
-    assert r.prune.l1_gamma == 1e-4 and (r.prune.pq_p, r.prune.pq_q, r.prune.pq_beta) == (0.5, 1.0, 0.9)
+    assert r.prune.options == {"l1_gamma": 1e-4} and (r.prune.pq.p, r.prune.pq.q, r.prune.pq.beta) == (0.5, 1.0, 0.9)
     assert {m for m in registry.list_methods() if registry.METHODS.meta(m)["family"] == "structured"} == \
         {"sca", "random", "l1", "bn", "criticality"}
-    for bad, msg in [({"pq_p": 1.0, "pq_q": 0.5}, "prune.pq_q: must be > pq_p (1.0), got 0.5"),
-                     ({"pq_p": 0}, "prune.pq_p: must be > 0"), ({"l1_gamma": -1}, "prune.l1_gamma: must be >= 0"),
-                     ({"pq_eta": -0.1}, "prune.pq_eta: must be >= 0"), ({"pq_gamma": 0}, "prune.pq_gamma: must be > 0"),
-                     ({"pq_beta": 0}, "prune.pq_beta: must be in (0, 1]"), ({"budget": "layer"}, "prune.budget"),
-                     ({"method": "magic"}, "prune.method")]:
+    pq = {"method": "sca", "budget": "pq"}
+    for bad, msg in [({**pq, "pq": {"p": 1.0, "q": 0.5}}, "prune.pq.q: must be > p (1.0), got 0.5"),
+                     ({**pq, "pq": {"p": 0}}, "prune.pq.p: must be > 0"),
+                     ({"method": "criticality", "options": {"l1_gamma": -1}},
+                      "prune.options.l1_gamma: must be greater than or equal to 0"),
+                     ({"method": "criticality", "options": {"l1": 1}}, "prune.options.l1: unknown key; allowed: l1_gamma"),
+                     ({"method": "sca", "options": {"l1_gamma": 1}}, "prune.options: method sca has no options"),
+                     ({**pq, "pq": {"eta": -0.1}}, "prune.pq.eta: must be >= 0"),
+                     ({**pq, "pq": {"gamma": 0}}, "prune.pq.gamma: must be > 0"),
+                     ({**pq, "pq": {"beta": 0}}, "prune.pq.beta: must be in (0, 1]"), ({"budget": "layer"}, "prune.budget"),
+                     ({"pq": {"p": 0.4}}, "prune.pq: only for budget: pq"), ({"method": "magic"}, "prune.method"),
+                     ({"budget_unit": "bytes"}, "prune.budget_unit: unknown budget unit 'bytes'; registered: channels")]:
         with pytest.raises(RecipeError) as e:
             parse_recipe({"prune": bad})
         assert msg in str(e.value)
+
+
+def test_older_flat_method_fields_are_translated_once_or_refused_with_the_new_spelling():
+    # a recipe (or a checkpoint's recipe) of snncompress <= 0.1.0 states every flat field; defaults are dropped
+    old = {"method": "criticality", "l1_gamma": 1e-3, "weight_regrow": 0.5, "scope": "layer", "er_init": True,
+           "pq_p": 0.5, "pq_q": 1.0, "pq_eta": 0.0, "pq_gamma": 1.0, "pq_beta": 0.9}
+    assert parse_recipe({"prune": old}).prune.options == {"l1_gamma": 1e-3}
+    pq = parse_recipe({"prune": {"method": "pq", "sparsity": 0.5, "scope": "neuron", "pq_eta": 0.001,
+                                 "warmup_epochs": 1}}).prune.options
+    assert (pq["scope"], pq["eta"], pq["er_init"]) == ("neuron", 0.001, True)
+    assert parse_recipe({"prune": {"method": "sca", "budget": "pq", "pq_q": 2.0}}).prune.pq.q == 2.0
+    for bad, msg in [({"method": "sca", "l1_gamma": 0.1},
+                      "prune.l1_gamma: now spelled prune.options.l1_gamma (method criticality); not an option of "
+                      "method sca"),
+                     ({"method": "sca", "pq_p": 0.4}, "prune.pq_p: now spelled prune.options.p (method pq) or "
+                                                      "prune.pq.p (budget: pq)")]:
+        with pytest.raises(RecipeError) as e:
+            parse_recipe({"prune": bad})
+        assert msg in str(e.value), str(e.value)
 
 
 # --- end to end -----------------------------------------------------------------------------------

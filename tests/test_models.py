@@ -11,22 +11,18 @@ from spikingjelly.activation_based.neuron import BaseNode
 
 import snncompress as sc
 from snncompress.checkpoint import build_model
-from snncompress.deploy import UnrolledSNN, to_onnx, ort_session, read_onnx_metadata
-from snncompress import registry
+from snncompress.export.onnx import read_onnx_metadata, to_onnx
+from snncompress.export.unroll import UnrolledSNN
+from snncompress.runtime.sessions import ort_session
 from snncompress.models import FactoryError
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.config import parse_recipe
+from snncompress.registry import trusted
 from snncompress.evaluation import compare_models
 
 from .conftest import TINY, cli, write_recipe
 
 USER = "tests.user_models"
-
-
-@pytest.fixture(autouse=True)
-def _no_trusted_factories(monkeypatch):
-    """Each test starts with no factory trusted in this process (train/model_spec add the recipe's)."""
-    monkeypatch.setattr(registry, "_TRUSTED", set())
 
 
 def _gated(name: str, width: float = 0.125, in_channels: int = 3, size: int = 16, seed: int = 0) -> torch.nn.Module:
@@ -231,9 +227,13 @@ def test_factory_refusals_name_the_factory_and_the_module(factory, fragments):
 def test_factory_gets_data_kwargs_only_if_it_accepts_them():
     assert isinstance(_build(f"{USER}:no_data_kwargs", {}), torch.nn.Module)
     recipe = parse_recipe({"model": {"factory": f"{USER}:no_data_kwargs"}})
-    assert sc.checkpoint.model_spec(recipe, 1, 10) == {"factory": f"{USER}:no_data_kwargs", "kwargs": {}}
+    with trusted(f"{USER}:no_data_kwargs"):
+        assert sc.checkpoint.model_spec(recipe, 1, 10) == {"factory": f"{USER}:no_data_kwargs", "kwargs": {}}
     recipe = parse_recipe({"model": {"factory": f"{USER}:small_snn", "kwargs": {"hidden": 4}}})
-    assert sc.checkpoint.model_spec(recipe, 1, 10)["kwargs"] == {"hidden": 4, "in_channels": 1, "num_classes": 10}
+    with trusted(f"{USER}:small_snn"):
+        assert sc.checkpoint.model_spec(recipe, 1, 10)["kwargs"] == {"hidden": 4, "in_channels": 1, "num_classes": 10}
+    with pytest.raises(FactoryError, match="is not trusted"):  # the trust ended with the block
+        sc.checkpoint.model_spec(recipe, 1, 10)
 
 
 def test_channels_that_reach_no_neuron_are_not_a_prunable_group():
@@ -345,9 +345,9 @@ def test_export_falls_back_to_layer_order_for_a_readout_that_is_not_the_mean(tmp
     recipe = parse_recipe({**TINY, "model": {"factory": f"{USER}:summed_readout"}, "prune": None,
                            "train": {"epochs": 1}})
     ckpt = sc.train(recipe, tmp_path, progress=False).ckpt
-    r = sc.export_onnx(ckpt, tmp_path / "auto.onnx")
+    r = sc.export_onnx(ckpt, tmp_path / "auto.onnx", trust_factory=True)  # train's trust ended with the call
     assert r.order == "layer" and r.max_abs_diff <= 1e-4
     assert read_onnx_metadata(r.path)["unroll_order"] == "layer"
     with pytest.raises(VerificationError, match="unrolled by step"):
-        sc.export_onnx(ckpt, tmp_path / "step.onnx", order="step")
+        sc.export_onnx(ckpt, tmp_path / "step.onnx", order="step", trust_factory=True)
     assert not (tmp_path / "step.onnx").exists()

@@ -13,7 +13,7 @@ import snncompress as sc
 from snncompress.artifacts import sha256
 from snncompress.data import load_dataset
 from snncompress.errors import SnnCompressError
-from snncompress.neuromorphic import (NIR_FORMAT, Simulator, body_logits, check_expressible, nir_body,
+from snncompress.export.nir import (NIR_FORMAT, Simulator, body_logits, check_expressible, nir_body,
                                       read_nir, read_nir_metadata, simulate, to_nir_graph)
 from snncompress.prune.gates import attach_gates, gate_modules
 

@@ -8,7 +8,8 @@ import onnx
 import torch
 
 import snncompress as sc
-from snncompress.deploy import ort_session, read_onnx_metadata
+from snncompress.export.onnx import read_onnx_metadata
+from snncompress.runtime.sessions import ort_session
 
 from .conftest import TINY, cli, write_recipe
 
@@ -88,7 +89,7 @@ def test_exported_onnx_matches_pytorch_with_dynamic_batch(run_dir):
     model = sc.load_model(run_dir / "slim.pt")
     sess = ort_session(run_dir / "model.onnx")
     x = torch.randn(7, 1, 8, 8)
-    from snncompress.deploy import UnrolledSNN
+    from snncompress.export.unroll import UnrolledSNN
 
     with torch.no_grad():
         ref = UnrolledSNN(model, TINY["data"]["T"])(x).numpy()

@@ -12,6 +12,7 @@ import snncompress
 from snncompress.metrics import NonzeroMACCounter, NonzeroSynOpCounter, weight_counts
 from snncompress.errors import RecipeError
 from snncompress.prune.gates import ChannelGroup
+from snncompress.prune.options import PQOptions
 from snncompress.prune.pq import pq_index
 from snncompress.prune.schedule import sparsity_at
 from snncompress.prune.unstructured import magnitude_criticality_masks, pq_rewire
@@ -24,8 +25,8 @@ from .conftest import TINY, cli, kill_training_after, write_recipe
 UNSTRUCTURED_PRUNE = {"warmup_epochs": 1, "ramp_epochs": 2, "finetune_epochs": 1, "min_channels": 1}
 
 
-def _cfg(**kw) -> PruneCfg:
-    return PruneCfg(**{"method": "pq", "sparsity": 0.5, **kw})
+def _cfg(**kw) -> PQOptions:
+    return PQOptions(**kw)
 
 
 # --- arithmetic ------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def test_pq_rewire_counts_layer_scope_hand():
     # largest |grad| among the previously pruned (|-7| at position 4; position 0's 9 is already kept)
     assert n == 1 and new.tolist() == [[True, False, False, True, True, False]]
     # gamma = 3: ratio = min(3 I, 0.9) = 0.669 -> n = round_half_up(2.006) = 2: prune 1 and 3, regrow 4 and 2
-    new, n = pq_rewire(w, mask, grad, _cfg(pq_gamma=3.0))
+    new, n = pq_rewire(w, mask, grad, _cfg(gamma=3.0))
     assert n == 2 and new.tolist() == [[True, False, True, False, True, False]]
     assert int(new.sum()) == int(mask.sum())  # rewiring keeps the count
 
@@ -234,9 +235,10 @@ def test_nonzero_synops_equal_spikingjelly_without_zero_weights():
 # --- recipe ----------------------------------------------------------------------------------------
 
 def test_unstructured_recipe_fields_validated():
-    r = parse_recipe({"prune": {"method": "pq", "sparsity": 0.9, "scope": "neuron", "er_init": False}})
-    assert r.prune.unstructured and r.prune.sparsity == 0.9
-    assert parse_recipe({"prune": {"method": "criticality_unstructured", "sparsity": 0.5}}).prune.weight_regrow == 0.5
+    r = parse_recipe({"prune": {"method": "pq", "sparsity": 0.9, "options": {"scope": "neuron", "er_init": False}}})
+    assert r.prune.unstructured and r.prune.sparsity == 0.9 and r.prune.options["scope"] == "neuron"
+    assert parse_recipe({"prune": {"method": "criticality_unstructured", "sparsity": 0.5}}).prune.options == \
+        {"weight_regrow": 0.5}
     # pq has no ramp: warm-up + fine-tune must fit, the (unused) ramp does not count
     assert parse_recipe({"train": {"epochs": 4}, "prune": {"method": "pq", "sparsity": 0.5, "warmup_epochs": 1,
                                                             "finetune_epochs": 1}}).prune.ramp_epochs == 8
@@ -245,12 +247,12 @@ def test_unstructured_recipe_fields_validated():
                      ({"method": "pq", "sparsity": 0.5, "keep": 0.5}, "prune.keep: only for structured methods"),
                      ({"method": "pq", "sparsity": 0.5, "budget": "pq"}, "prune.budget: only for structured"),
                      ({"method": "sca", "sparsity": 0.5}, "prune.sparsity: only for unstructured methods; method sca keeps channels"),
-                     ({"method": "sca", "scope": "neuron"}, "prune.scope: only for method pq"),
-                     ({"method": "criticality_unstructured", "sparsity": 0.5, "er_init": False},
-                      "prune.er_init: only for method pq"),
-                     ({"method": "pq", "sparsity": 0.5, "weight_regrow": 0.2},
-                      "prune.weight_regrow: only for method criticality_unstructured"),
-                     ({"method": "pq", "sparsity": 0.5, "scope": "filter"}, "prune.scope")]:
+                     ({"method": "sca", "options": {"scope": "neuron"}}, "prune.options: method sca has no options"),
+                     ({"method": "criticality_unstructured", "sparsity": 0.5, "options": {"er_init": False}},
+                      "prune.options.er_init: unknown key; allowed: weight_regrow"),
+                     ({"method": "pq", "sparsity": 0.5, "options": {"weight_regrow": 0.2}},
+                      "prune.options.weight_regrow: unknown key"),
+                     ({"method": "pq", "sparsity": 0.5, "options": {"scope": "filter"}}, "prune.options.scope")]:
         with pytest.raises(RecipeError) as e:
             parse_recipe({"prune": bad})
         assert msg in str(e.value), str(e.value)

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import first_line
 from ..registry import MODELS, UntrustedCodeError, import_code
-from .steps import step_mode
+from .modules import step_mode
 
 
 class FactoryError(UntrustedCodeError):

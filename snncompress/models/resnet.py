@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer
 
-from .neuron import make_neuron
 from ..registry import register_model
+from .modules import StagedSNN
+from .neuron import make_neuron
 from .vgg import scaled
 
 
@@ -57,7 +58,7 @@ class BasicBlock(nn.Module):
         return self.sn2(out) + identity if self.sew else self.sn2(out + identity)
 
 
-class SpikingResNet(nn.Module):
+class SpikingResNet(StagedSNN):
     """Stem (3x3 conv + BN + neuron), stages of basic blocks, global average pool, linear readout."""
 
     def __init__(self, in_channels: int, num_classes: int, stem: int, stages: Sequence[tuple[int, int, int]],
@@ -73,19 +74,15 @@ class SpikingResNet(nn.Module):
                 stage.append(BasicBlock(c, out, stride if b == 0 else 1, neuron, sew))
                 c = out
             self.add_module(f"layer{i}", nn.Sequential(*stage))
-        self.n_stages = len(stages)
+        self._stage_names = ["stem", *(f"layer{i}" for i in range(1, len(stages) + 1)), "pool", "flatten",
+                             "classifier"]
         self.pool = layer.AdaptiveAvgPool2d((1, 1))
         self.flatten = layer.Flatten(start_dim=1)
         self.classifier = layer.Linear(c, num_classes)  # registered last: the readout is never pruned
         functional.set_step_mode(self, "m")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.stem(x)
-        for i in range(1, self.n_stages + 1):
-            y = getattr(self, f"layer{i}")(y)
-        y = self.classifier(self.flatten(self.pool(y)))
-        # [T, B, classes] in multi-step mode; single-step mode (used for graph tracing) has no T axis
-        return y.mean(0) if y.dim() == 3 else y
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return [(name, getattr(self, name)) for name in self._stage_names]
 
 
 # (stem width, [(stage width, blocks, first stride), ...]) as in the SNN literature's CIFAR variants

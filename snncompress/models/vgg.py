@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer
 
-from .neuron import make_neuron
 from ..registry import register_model
+from .modules import StagedSNN
+from .neuron import make_neuron
 
 POOLS = ("max", "avg")  # "avg": what NIR and neuromorphic chips accept (they have no max pooling)
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -29,7 +29,7 @@ def conv_block(in_ch: int, out_ch: int, neuron_kwargs: dict) -> nn.Sequential:
     ))
 
 
-class SpikingVGG(nn.Module):
+class SpikingVGG(StagedSNN):
     """Input ``[T, B, C, H, W]``; output logits ``[B, classes]`` (the readout averaged over T)."""
 
     def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None,
@@ -54,10 +54,9 @@ class SpikingVGG(nn.Module):
         self.classifier = layer.Linear(c * readout_pool * readout_pool, num_classes)
         functional.set_step_mode(self, "m")
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        y = self.classifier(self.flatten(self.pool(self.features(x_seq))))
-        # [T, B, classes] in multi-step mode; single-step mode (used for graph tracing) has no T axis
-        return y.mean(0) if y.dim() == 3 else y
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return [("features", self.features), ("pool", self.pool), ("flatten", self.flatten),
+                ("classifier", self.classifier)]
 
 
 @register_model("vgg")

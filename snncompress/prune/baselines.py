@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import PruneCfg
+from pydantic import BaseModel
+
 from ..registry import register_method
 from .gates import ChannelGroup
 from .scorer import Scorer, member_modules
@@ -23,8 +24,8 @@ class RandomScorer(Scorer):
     reproducible.
     """
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
-        super().__init__(model, groups, cfg, seed)
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
+        super().__init__(model, groups, options, seed)
         self._gen = torch.Generator().manual_seed(seed)
         self.reset()
 
@@ -46,8 +47,8 @@ class RandomScorer(Scorer):
 class L1Scorer(Scorer):
     """``sum |W[c, :, :, :]|`` of each output filter, mean over the group's member convs."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
-        super().__init__(model, groups, cfg, seed)
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
+        super().__init__(model, groups, options, seed)
         self._convs = {g.name: member_modules(model, g.convs) for g in groups}
 
     @torch.no_grad()
@@ -60,8 +61,8 @@ class L1Scorer(Scorer):
 class BNScorer(Scorer):
     """``|gamma[c]|`` of the BatchNorm on each channel, mean over the group's member BNs (network slimming)."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
-        super().__init__(model, groups, cfg, seed)
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
+        super().__init__(model, groups, options, seed)
         self._bns = {g.name: member_modules(model, g.bns) for g in groups}
         bad = [n for n, bns in self._bns.items() if not bns or any(getattr(b, "weight", None) is None for b in bns)]
         if bad:

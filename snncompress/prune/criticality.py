@@ -1,6 +1,6 @@
 """Criticality-guided regeneration (Chen, Liu, You; arXiv 2311.16141), structured pipeline.
 
-Training adds ``l1_gamma * sum |gamma|`` over the groups' BatchNorms to the loss (network slimming);
+Training adds ``options.l1_gamma * sum |gamma|`` over the groups' BatchNorms to the loss (network slimming);
 channels are kept by |gamma|, and the regrowth share goes to the pruned channels nearest criticality:
 those whose membrane potential before firing sits closest to the threshold, measured by the
 neuron's own surrogate-gradient shape.
@@ -14,10 +14,12 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron, surrogate
 
-from ..config import PruneCfg
+from pydantic import BaseModel
+
 from ..registry import register_method
 from .baselines import BNScorer
 from .gates import ChannelGroup, neuron_of
+from .options import CriticalityOptions
 from .scorer import ChannelMeans, member_modules, model_device
 
 
@@ -94,8 +96,10 @@ class CriticalityScorer(BNScorer):
     criticality the channel *would* have if reopened, as the paper measures it on the unpruned model.
     """
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
-        super().__init__(model, groups, cfg, seed)
+    Options = CriticalityOptions
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
+        super().__init__(model, groups, options, seed)
         self._criticality = ChannelMeans(groups, model_device(model))
         self._handles = []
         for g in groups:
@@ -128,6 +132,6 @@ class CriticalityScorer(BNScorer):
         return self.criticality_scores()
 
     def penalty(self) -> torch.Tensor:
-        if self.cfg.l1_gamma == 0:
+        if self.options.l1_gamma == 0:
             return torch.zeros(())
-        return self.cfg.l1_gamma * sum(b.weight.abs().sum() for bns in self._bns.values() for b in bns)
+        return self.options.l1_gamma * sum(b.weight.abs().sum() for bns in self._bns.values() for b in bns)

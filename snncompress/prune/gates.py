@@ -21,7 +21,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.neuron import BaseNode
 
-from ..models.steps import step_mode
+from ..models.modules import step_mode
 
 # neurons whose zero-input behaviour is known: with v_reset < v_threshold and v_threshold > 0 they
 # stay at rest and never fire when their input is 0

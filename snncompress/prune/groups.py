@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..models.steps import step_mode
+from ..models.modules import step_mode
 from .gates import ChannelGate, ChannelGroup, check_supported, gate_modules, single_step_input
 
 

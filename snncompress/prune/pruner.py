@@ -14,11 +14,12 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from ..config import PruneCfg
+from ..config import PruneCfg, validate_options
 from ..errors import SnnCompressError
-from ..registry import METHODS, import_code
-from .cost import CostModel
+from ..registry import METHODS
+from .costs.unit import CostUnit
 from .gates import ChannelGroup
+from .options import NoOptions
 from .scorer import Scorer
 from .structured import ChannelPruner
 
@@ -78,24 +79,26 @@ class Pruner(Protocol):
 
 def resolve_method(method: str, trust: bool = False) -> type:
     """The class a recipe's ``prune.method`` names: registered, or user code (imported only if trusted)."""
-    return METHODS.get(method) if method in METHODS else import_code(method, "prune.method", trust)
+    return METHODS.resolve(method, "prune.method", trust)
 
 
 def build_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
                  optimizer: torch.optim.Optimizer | None = None, trust: bool = False,
-                 cost: CostModel | None = None) -> Pruner:
-    """The training-time pruner of ``cfg.method`` on a gated model (``cost``: of ``prune.budget_unit``,
-    :func:`~snncompress.prune.cost.build_cost`)."""
+                 unit: CostUnit | None = None) -> Pruner:
+    """The training-time pruner of ``cfg.method`` on a gated model, with the method's own options
+    (``prune.options``, checked by its ``Options`` model) and the cost ``unit`` of ``prune.budget_unit``
+    (:func:`~snncompress.prune.costs.build_unit`; None for channels)."""
     cls = resolve_method(cfg.method, trust)
+    options = validate_options(getattr(cls, "Options", NoOptions), cfg.options, "prune.options")
     if isinstance(cls, type) and issubclass(cls, Scorer):
         if cfg.sparsity is not None:
             raise SnnCompressError(f"prune.sparsity: method {cfg.method} is structured (a Scorer): set keep, not "
                                    "sparsity")
-        return ChannelPruner(model, groups, cfg, epochs, seed, cls, cost)
-    if cost is not None:
+        return ChannelPruner(model, groups, cfg, epochs, seed, cls, unit, options)
+    if unit is not None:
         raise SnnCompressError(f"prune.budget_unit {cfg.budget_unit}: method {cfg.method} selects its own masks; "
-                               "budgets in MACs, SOPs or latency need a Scorer (e.g. sca, criticality, random)")
+                               "budgets in a cost unit need a Scorer (e.g. sca, criticality, random)")
     if isinstance(cls, type) and all(hasattr(cls, m) for m in ("begin_epoch", "end_epoch", "after_backward", "masks")):
-        return cls(model, groups, cfg, epochs, seed, optimizer)
+        return cls(model, groups, cfg, epochs, seed, optimizer, options)
     raise SnnCompressError(f"prune.method {cfg.method!r}: not a Scorer subclass or a Pruner class "
                            f"(got {type(cls).__name__})")

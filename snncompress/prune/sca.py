@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based.neuron import BaseNode
 
-from ..config import PruneCfg
+from pydantic import BaseModel
+
 from ..registry import register_method
 from .gates import ChannelGroup, neuron_of
 from .scorer import ChannelMeans, Scorer, model_device
@@ -21,8 +22,8 @@ from .scorer import ChannelMeans, Scorer, model_device
 class ActivityScorer(Scorer):
     """Accumulates per-channel spiking activity of every group while the model trains."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
-        super().__init__(model, groups, cfg, seed)
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
+        super().__init__(model, groups, options, seed)
         self._activity = ChannelMeans(groups, model_device(model))
         self._handles = []
         modules = dict(model.named_modules())

@@ -7,33 +7,37 @@ A new method is a :class:`Scorer` subclass registered by name::
         def scores(self):  # per group, one score per channel (higher = keep)
             ...
 
-or named in a recipe as ``prune.method: "package.module:MyScorer"`` (imported only when trusted).
+or named in a recipe as ``prune.method: "package.module:MyScorer"`` (imported only when trusted). Its options,
+if any, are a pydantic model ``Options`` read from the recipe's ``prune.options``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel
 
-from ..config import PruneCfg
 from .gates import ChannelGroup
+from .options import NoOptions
 
 
 class Scorer:
-    """Base of every structured method, built as ``Scorer(model, groups, cfg, seed)``.
+    """Base of every structured method, built as ``Scorer(model, groups, options, seed)``.
 
     :meth:`scores` (higher = keep) is the only required method; the defaults below are those of a
     method that needs no training-loss term and uses the selector's default regrowth signal
     (the accumulated ``|dL/dgate|``). Hooks, if any, accumulate only while ``self.active`` and
     ``module.training``: the pruner turns a scorer off (:meth:`activate`) in epochs whose statistics
-    no mask update reads (warm-up, frozen fine-tune).
+    no mask update reads (warm-up, frozen fine-tune). ``options`` is an instance of the class's
+    ``Options`` (the recipe's ``prune.options``; None: its defaults).
     """
 
+    Options: type[BaseModel] = NoOptions
     active = True
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg | None = None, seed: int = 0):
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
         self.model, self.groups, self.seed = model, groups, seed
-        self.cfg = cfg if cfg is not None else PruneCfg()
+        self.options = options if options is not None else self.Options()
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per group, one score per channel (higher = keep)."""

@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 
 from ..config import PruneCfg
-from .cost import CostModel, resolve_round_to
+from .blocks import resolve_round_to
+from .budget import Budget
+from .costs.unit import CostUnit
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
 from .schedule import is_scoring_epoch, is_update_epoch, keep_fraction_at, ramp_remaining
 from .scorer import Scorer, model_device
@@ -25,19 +27,20 @@ class ChannelPruner:
     regenerated channel resumes where it left off; :meth:`end_epoch` recomputes the masks when the
     schedule says so; :meth:`penalty` is the method's term of the training loss.
 
-    With a ``cost`` model (``prune.budget_unit`` macs, sops or latency) ``keep`` is the kept fraction of the
-    dense model's cost in that unit, and the selection keeps the best channels that fit it.
+    With a cost ``unit`` (``prune.budget_unit`` other than channels) ``keep`` is the kept fraction of the
+    dense model's cost in that unit, and the selection keeps the best channels that fit it
+    (:class:`~snncompress.prune.budget.Budget`).
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int,
-                 scorer: type[Scorer], cost: CostModel | None = None):
+                 scorer: type[Scorer], unit: CostUnit | None = None, options=None):
         self.model, self.groups, self.cfg, self.epochs = model, groups, cfg, epochs
         self.round_to = resolve_round_to(cfg.round_to)
-        self.cost = cost
-        if cost is not None:
-            cost.round_to = self.round_to
-            cost.attach(model)
-        self.scorer = scorer(model, groups, cfg, seed)
+        self.unit = unit
+        self.budget = Budget(unit, groups, self.round_to) if unit is not None else None
+        if unit is not None:
+            unit.attach(model)
+        self.scorer = scorer(model, groups, options, seed)
         self._gates = gate_modules(model)
         device = model_device(model)
         self._regrowth = {g.name: torch.zeros(g.size, dtype=torch.float64, device=device) for g in groups}
@@ -57,16 +60,14 @@ class ChannelPruner:
 
     def penalty(self) -> torch.Tensor:
         penalty = self.scorer.penalty()
-        sops = self.cost.batch_sops() if self.cost is not None else None
-        if sops is not None:  # a SOP budget holds once the masks reach it (docs/methods.md, "Budget units")
-            penalty = penalty + self.cfg.sop_hold * (sops / (self.cfg.keep * self.cost.dense) - 1) ** 2
-        return penalty
+        held = self.unit.penalty() if self.unit is not None else None  # e.g. SOPs held on target
+        return penalty if held is None else penalty + held
 
     def begin_epoch(self, epoch: int) -> None:
         self._scoring = is_scoring_epoch(self.cfg, self.epochs, epoch)
         self.scorer.activate(self._scoring)
-        if self.cost is not None:
-            self.cost.activate(self._scoring)
+        if self.unit is not None:
+            self.unit.activate(self._scoring)
 
     def after_backward(self) -> None:
         for g in self.groups:
@@ -84,7 +85,7 @@ class ChannelPruner:
 
     def statistics(self) -> list[torch.Tensor]:
         # the regrowth sums need no reduction: DDP already averaged the gate gradients behind them
-        return self.scorer.statistics() + (self.cost.statistics() if self.cost is not None else [])
+        return self.scorer.statistics() + (self.unit.statistics() if self.unit is not None else [])
 
     def end_epoch(self, epoch: int, reduce: Callable[[list[torch.Tensor]], None] | None = None) -> dict | None:
         """Recompute masks if this epoch ends an update window; return the history entry."""
@@ -116,27 +117,26 @@ class ChannelPruner:
         return entry
 
     def _hold_budget(self) -> None:
-        if self.cost is not None and self.cost.unit == "sops" and self.cfg.sop_hold:
-            self.cost.hold(self.masks if self.at_target() else None)
+        if self.unit is not None:
+            self.unit.hold(self.masks if self.at_target() else None, self.cfg.keep * self.unit.dense)
 
     def _select(self, keep: float, remaining: float, scores: dict[str, torch.Tensor], grow: dict[str, torch.Tensor],
                 old: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict | None]:
         """New masks at the schedule's ``keep`` (``remaining`` of the ramp left), and what the budget was in
         its unit (None for channels)."""
-        c, cost = self.cfg, self.cost
+        c, budget = self.cfg, self.budget
         share = c.regrow / c.keep  # the regrowth part of what is kept, the same at every step of the ramp
-        if cost is None:
+        if budget is None:
             if c.budget == "pq":
-                budgets = pq_budgets(scores, keep, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma, c.pq_beta, old)
+                budgets = pq_budgets(scores, keep, c.min_channels, *_pq(c), old)
                 new = select_masks_budgeted(scores, grow, budgets, share, c.min_channels)
             else:
                 new = select_masks(scores, grow, keep, c.regrow * keep / c.keep, c.min_channels)
             return (round_masks(new, scores, self.round_to) if self.round_to > 1 else new), None
-        cost.absorb(old)
-        final = c.keep * cost.dense
+        self.unit.absorb(old)
+        final = c.keep * self.unit.dense
         if c.budget == "pq":
-            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, c.pq_p, c.pq_q, c.pq_eta, c.pq_gamma,
-                                            c.pq_beta, old)
+            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, *_pq(c), old)
 
             def pick(scale: float) -> dict[str, torch.Tensor]:
                 counts = {n: int(x + 1e-9) for n, x in zip(scores, pq_shares(scale, sizes, lo, raw))}
@@ -144,12 +144,12 @@ class ChannelPruner:
         else:
             def pick(fraction: float) -> dict[str, torch.Tensor]:
                 return select_masks(scores, grow, min(1.0, fraction), c.regrow * fraction / c.keep, c.min_channels)
-        target = cost.ramp_budget(pick, final, scores, remaining)
-        new = cost.select(pick, target, scores)
-        selected = cost.cost(new)  # rounding up below adds what this already counts
+        target = budget.ramp_budget(pick, final, scores, remaining)
+        new = budget.select(pick, target, scores)
+        selected = budget.cost(new)  # rounding up below adds what this already counts
         if self.round_to > 1:
             new = round_masks(new, scores, self.round_to)
-        return new, {"unit": c.budget_unit, "dense": cost.dense, "target": target, "selected": selected,
+        return new, {"unit": c.budget_unit, "dense": self.unit.dense, "target": target, "selected": selected,
                      "round_to": self.round_to}
 
     def agreement(self) -> dict[str, torch.Tensor]:
@@ -183,7 +183,7 @@ class ChannelPruner:
     def state_dict(self) -> dict:
         """Accumulated scores of the current update window (masks and history live in the checkpoint)."""
         return {"scorer": self.scorer.state_dict(), "regrowth": {n: r.cpu().clone() for n, r in self._regrowth.items()},
-                "cost": self.cost.state_dict() if self.cost is not None else None}
+                "cost": self.unit.state_dict() if self.unit is not None else None}
 
     def load_state_dict(self, state: dict, masks: dict[str, torch.Tensor], history: list[dict]) -> None:
         # the frozen snapshots are re-taken from the loaded weights: closed channels never moved
@@ -192,11 +192,16 @@ class ChannelPruner:
         self.scorer.load_state_dict(state["scorer"])
         for n, r in state["regrowth"].items():
             self._regrowth[n].copy_(r)
-        if self.cost is not None and state.get("cost") is not None:
-            self.cost.load_state_dict(state["cost"])
+        if self.unit is not None and state.get("cost") is not None:
+            self.unit.load_state_dict(state["cost"])
         self._hold_budget()
 
     def remove(self) -> None:
         self.scorer.remove()
-        if self.cost is not None:
-            self.cost.remove()
+        if self.unit is not None:
+            self.unit.remove()
+
+
+def _pq(cfg: PruneCfg) -> tuple[float, float, float, float, float]:
+    """The PQ index constants of ``budget: pq`` (``prune.pq``): p, q, eta, gamma, beta."""
+    return cfg.pq.p, cfg.pq.q, cfg.pq.eta, cfg.pq.gamma, cfg.pq.beta

@@ -18,12 +18,14 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel
 
 from ..config import PruneCfg
 from ..errors import SnnCompressError
 from ..registry import register_method
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
+from .options import CriticalityWeightOptions, NoOptions, PQOptions
 from .pq import pq_index, pq_prune_ratio
 from .schedule import is_scoring_epoch, is_update_epoch, sparsity_at
 from .select import top_k
@@ -63,15 +65,17 @@ def magnitude_criticality_masks(weights: dict[str, torch.Tensor], criticality: d
     return out
 
 
-def pq_rewire(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, cfg: PruneCfg) -> tuple[torch.Tensor, int]:
+def pq_rewire(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, options: PQOptions
+              ) -> tuple[torch.Tensor, int]:
     """One PQ rewiring of a layer; returns the new mask and the number of weights rewired.
 
-    For each scope (``cfg.scope``: the whole layer, or each output row), over its ``d`` kept weights:
+    For each scope (``options.scope``: the whole layer, or each output row), over its ``d`` kept weights:
     ``ratio = pq_prune_ratio(pq_index(w_kept), d)`` and ``n = min(round_half_up(ratio * d), #pruned in scope)``;
     the n kept weights of smallest ``|w|`` are pruned and the n previously pruned weights of largest ``|grad|``
     regrow (ties: lower index). The kept count of every scope is unchanged.
     """
-    rows = [slice(None)] if cfg.scope == "layer" else list(range(weight.shape[0]))
+    o = options
+    rows = [slice(None)] if o.scope == "layer" else list(range(weight.shape[0]))
     new = mask.clone()
     rewired = 0
     for r in rows:
@@ -79,8 +83,7 @@ def pq_rewire(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, cfg:
         d = int(m.sum())
         if d == 0:
             continue
-        ratio = pq_prune_ratio(pq_index(w[m], cfg.pq_p, cfg.pq_q), d, cfg.pq_p, cfg.pq_q, cfg.pq_eta, cfg.pq_gamma,
-                               cfg.pq_beta)
+        ratio = pq_prune_ratio(pq_index(w[m], o.p, o.q), d, o.p, o.q, o.eta, o.gamma, o.beta)
         n = min(round_half_up(ratio * d), int((~m).sum()))
         if n == 0:
             continue
@@ -99,14 +102,18 @@ class WeightPruner:
 
     ``after_backward`` zeroes the pruned weights' gradients; ``after_step`` re-zeroes pruned weights;
     ``end_epoch`` updates the masks when the schedule says so. The channel gates follow the weight
-    masks (closed iff the filter is empty).
+    masks (closed iff the filter is empty). ``options``: an instance of the class's ``Options`` (the
+    recipe's ``prune.options``; None: its defaults).
     """
 
+    Options: type[BaseModel] = NoOptions
+
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, options: BaseModel | None = None):
         if cfg.sparsity is None:
             raise SnnCompressError(f"prune.sparsity: required for method {cfg.method} (it prunes weights)")
         self.model, self.groups, self.cfg, self.epochs, self.optimizer = model, groups, cfg, epochs, optimizer
+        self.options = options if options is not None else self.Options()
         self.layers = maskable_layers(model)
         self.weights = WeightMasks(self.layers)
         self._gates = gate_modules(model)
@@ -214,13 +221,15 @@ class WeightPruner:
 
 @register_method("criticality_unstructured", family="unstructured")
 class CriticalityWeightPruner(WeightPruner):
-    """Gradual global magnitude pruning; a share ``weight_regrow`` of the kept weights chosen by the
+    """Gradual global magnitude pruning; a share ``options.weight_regrow`` of the kept weights chosen by the
     criticality of their output channel (:func:`magnitude_criticality_masks`)."""
 
+    Options = CriticalityWeightOptions
+
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
-                 optimizer: torch.optim.Optimizer | None = None):
-        self.scorer = CriticalityScorer(model, groups, cfg, seed)
-        super().__init__(model, groups, cfg, epochs, seed, optimizer)
+                 optimizer: torch.optim.Optimizer | None = None, options: BaseModel | None = None):
+        self.scorer = CriticalityScorer(model, groups, seed=seed)
+        super().__init__(model, groups, cfg, epochs, seed, optimizer, options)
 
     def begin_epoch(self, epoch: int) -> None:
         super().begin_epoch(epoch)
@@ -238,7 +247,7 @@ class CriticalityWeightPruner(WeightPruner):
             for conv in g.convs:
                 per_layer[conv] = crit[g.name]
         new = magnitude_criticality_masks(weights, per_layer, round_half_up((1.0 - s_t) * total),
-                                          self.cfg.weight_regrow)
+                                          self.options.weight_regrow)
         self.scorer.reset()
         return new, s_t
 
@@ -259,16 +268,19 @@ class PQWeightPruner(WeightPruner):
     (:func:`pq_rewire`), regrowing by the gradient accumulated over the window (of DDP-averaged gradients
     under torchrun, so it needs no reduction of its own)."""
 
+    Options = PQOptions
+    ramps = False  # sparse at its target from the first epoch
+
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, options: BaseModel | None = None):
         layers = maskable_layers(model)
         self._grad = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in layers.items()}
-        super().__init__(model, groups, cfg, epochs, seed, optimizer)
+        super().__init__(model, groups, cfg, epochs, seed, optimizer, options)
 
     def initial_masks(self, seed: int) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(m.weight.shape) for n, m in self.layers.items()}
         density = 1.0 - self.cfg.sparsity
-        dens = er_densities(list(shapes.values()), density) if self.cfg.er_init else [density] * len(shapes)
+        dens = er_densities(list(shapes.values()), density) if self.options.er_init else [density] * len(shapes)
         gen = torch.Generator().manual_seed(seed)
         return random_masks(shapes, dict(zip(shapes, dens)), gen, self.cfg.min_channels)
 
@@ -282,7 +294,7 @@ class PQWeightPruner(WeightPruner):
         super().after_backward()
 
     def update_masks(self, weights, old, epoch):
-        new = {n: pq_rewire(weights[n], old[n], self._grad[n], self.cfg)[0] for n in self.layers}
+        new = {n: pq_rewire(weights[n], old[n], self._grad[n], self.options)[0] for n in self.layers}
         for g in self._grad.values():
             g.zero_()
         return new, self.cfg.sparsity

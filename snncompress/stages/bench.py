@@ -22,14 +22,17 @@ from ..artifacts import load_checkpoint, write_json, write_text
 from ..checkpoint import model_from_checkpoint, recipe_of
 from ..config import DeployCfg, Recipe
 from ..data import encode, eval_batches, load_dataset
-from ..deploy import (exported_from, read_onnx_metadata, require_runtime, run_session, runtime_options,
-                      runtime_session, runtime_version, time_call)
 from ..errors import SnnCompressError, VerificationError
-from ..evaluation import evaluate, runtime_agreement
+from ..evaluation import batch_logits, evaluate, runtime_agreement
+from ..export.nir import nir_exported_from
+from ..export.onnx import exported_from, read_onnx_metadata
 from ..layout import RunLayout
 from ..metrics import PJ_PER_AC, PJ_PER_MAC, count_macs, count_params, spike_stats, weight_counts
-from ..neuromorphic import nir_exported_from
+from ..prune.costs import unit_class
 from ..prune.gates import kept_fraction
+from ..registry import BUDGET_UNITS, is_trusted
+from ..runtime.sessions import require_runtime, runtime_options, runtime_session, runtime_version
+from ..runtime.timing import timer
 
 BATCHES = (1, 32)  # always timed; the recipe's deploy.batch_size is added when it is another
 BENCH_FORMAT = "snncompress.bench/1"
@@ -73,12 +76,9 @@ def onnx_latency(path: Path, x: np.ndarray, settings: BenchSettings,
     compiles the model once per batch size with a static batch (faster than a dynamic one); onnxruntime
     runs the graph's dynamic batch.
     """
-    out = {}
-    for b in batches:
-        session = runtime_session(settings.runtime, path, settings.threads, batch=b)
-        xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))  # real test images, repeated if needed
-        out[str(b)] = time_call(lambda: session(xb), settings.warmup, settings.repeats)
-    return out
+    return {str(b): timer(settings.runtime, path, np.ascontiguousarray(np.resize(x, (b, *x.shape[1:]))),
+                          settings.threads, settings.warmup)(settings.repeats)  # real test inputs, repeated if needed
+            for b in batches}
 
 
 def verified_logits(path: Path, reference: np.ndarray, x: torch.Tensor, T: int, encoding: str,
@@ -88,7 +88,8 @@ def verified_logits(path: Path, reference: np.ndarray, x: torch.Tensor, T: int, 
 
     A file exported with BatchNorm folded or int8 weights computes a different function by design: its
     agreement is reported, not enforced."""
-    logits = run_session(runtime_session(settings.runtime, path, settings.threads), x, T, encoding)
+    session = runtime_session(settings.runtime, path, settings.threads)
+    logits = batch_logits(lambda inp: session(inp.numpy()), x, T, encoding)
     check = runtime_agreement(logits, reference)
     props = read_onnx_metadata(path)
     exact_export = props.get("bn_folded", "False") != "True" and props.get("int8_weights", "False") != "True"
@@ -137,30 +138,32 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
 
 
 def budget_figures(recipe: Recipe, dense: dict, slim: dict) -> dict | None:
-    """The pruning budget of a structured recipe and what the slim model reached, each unit as a ratio of the
-    slim model to the dense one: kept channel fraction, MACs, median latency at the recipe's
-    ``deploy.batch_size`` (against the dense-shaped model, which has the dense model's shapes), and SOPs
-    against the dense SOPs the training measured (``budget_unit: sops`` records them; the dense-shaped
-    model cannot stand in: its closed channels fire nothing, so otherwise there is no SOP ratio). None for
-    a dense recipe and for unstructured methods (their budget is a weight sparsity, reported as
-    connectivity). ``trained``: what the training's last mask update selected, in its unit."""
+    """The pruning budget of a structured recipe and what the slim model reached, in every registered budget
+    unit as a ratio of the slim model to the dense one (each unit says where its figure is,
+    ``CostUnit.achieved``): kept channels, MACs, median latency at the recipe's ``deploy.batch_size``
+    (against the dense-shaped model, which has the dense model's shapes), SOPs against the dense SOPs the
+    training measured (only a SOP budget records them), ... None for a dense recipe and for unstructured
+    methods (their budget is a weight sparsity, reported as connectivity). ``trained``: what the training's
+    last mask update selected, in its unit."""
     p = recipe.prune
     if p is None or p.unstructured:
         return None
-    batch = str(recipe.deploy.batch_size)
-    trained = dense.get("trained_budget")
-    sops_dense = trained["dense"] if trained and trained["unit"] == "sops" else None
-    ratios = {"channels": slim["kept_channels"], "macs": slim["macs"] / dense["macs"],
-              "sops": slim["sops"] / sops_dense if sops_dense else None,
-              "latency": slim["latency_ms"][batch]["median"] / dense["latency_ms"][batch]["median"]}
+    batch, trained = recipe.deploy.batch_size, dense.get("trained_budget")
+
+    def achieved(name: str) -> float | None:
+        if name not in BUDGET_UNITS and not is_trusted(name):  # a user's unit the caller did not trust
+            return None
+        return unit_class(name).achieved(dense, slim, batch, trained if trained and trained["unit"] == name else None)
+
+    ratios = {name: achieved(name) for name in dict.fromkeys([*BUDGET_UNITS.names(), p.budget_unit])}
     return {"unit": p.budget_unit, "target": p.keep, "achieved": ratios[p.budget_unit], "ratios": ratios,
-            "latency_batch": recipe.deploy.batch_size, "trained": trained}
+            "latency_batch": batch, "trained": trained}
 
 
 def nir_figures(path: Path, slim: dict) -> dict:
     """What bench reports for the NIR file of the slim model: the same network (same spikes: the export verified
     it), so the slim model's SOPs, energy and firing; its nodes and neurons as the file holds them."""
-    from ..neuromorphic import neuron_count, node_counts, read_nir
+    from ..export.nir import neuron_count, node_counts, read_nir
 
     graph = read_nir(path)
     return {"path": str(path), "same_network_as": "slim", "bytes": path.stat().st_size, "nodes": node_counts(graph),
@@ -234,9 +237,6 @@ ROWS = [("params", "Params", "{:,.0f}"), ("macs", "MACs / inference", "{:,.0f}")
         ("accuracy", "Accuracy (PyTorch)", "{:.2%}"), ("accuracy_onnx", "Accuracy ({runtime})", "{:.2%}"),
         ("kept_channels", "Kept conv channels", "{:.1%}")]
 
-UNIT_NAMES = {"channels": "conv channels", "macs": "MACs", "sops": "SOPs", "latency": "latency"}
-
-
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (shared by the terminal and markdown renderers)."""
     names = list(report["models"])
@@ -255,14 +255,12 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 def budget_sentence(report: dict) -> str:
     """One sentence: the budget's unit and target, what the slim model reached in it and in the other units."""
     bud, runtime = report["budget"], report["settings"]["runtime"]
-    r = bud["ratios"]
-    latency = f"latency at batch {bud['latency_batch']} on {runtime}"
-    names = {"channels": "conv channels", "macs": "MACs", "sops": "SOPs", "latency": latency}
-    others = ", ".join(f"{names[k]} {_percent(v)}" for k, v in r.items() if k != bud["unit"])
-    return (f"Pruning budget: keep {bud['target']:.1%} of the dense model's {UNIT_NAMES[bud['unit']]} "
+    label = {name: unit_class(name).label if name in BUDGET_UNITS else name for name in bud["ratios"]}
+    others = ", ".join(f"{label[k]} {_percent(v)}" for k, v in bud["ratios"].items() if k != bud["unit"])
+    return (f"Pruning budget: keep {bud['target']:.1%} of the dense model's {label[bud['unit']]} "
             f"(`prune.budget_unit: {bud['unit']}`, `prune.keep: {bud['target']}`); the slim model has "
-            f"**{_percent(bud['achieved'])}**" + (f" ({latency}, median)" if bud["unit"] == "latency" else "")
-            + f"; in the other units: {others}.")
+            f"**{_percent(bud['achieved'])}**; in the other units: {others} (latency: the median at batch "
+            f"{bud['latency_batch']} on {runtime}).")
 
 
 def check_sentence(report: dict) -> str:

@@ -20,10 +20,12 @@ from .. import __version__
 from ..artifacts import atomic_path, load_checkpoint, sha256
 from ..checkpoint import model_from_checkpoint, recipe_of
 from ..data import eval_batches, graph_input, load_dataset, to_steps
-from ..deploy import (ONNX_FORMAT, UNROLL_ORDERS, UnrolledSNN, fold_batchnorm, ort_session, quiet_loggers, run_onnx,
-                      steps_unroll_exactly, unrolled_onnx)
 from ..errors import SnnCompressError, VerificationError, first_line
-from ..evaluation import TOLERANCE, evaluate, runtime_agreement
+from ..evaluation import TOLERANCE, batch_logits, evaluate, runtime_agreement
+from ..export.fold import fold_batchnorm
+from ..export.onnx import ONNX_FORMAT, quiet_loggers, unrolled_onnx
+from ..export.unroll import UNROLL_ORDERS, UnrolledSNN, steps_unroll_exactly
+from ..runtime.sessions import runtime_session
 
 
 @dataclass
@@ -82,6 +84,12 @@ def _unshare_gemm_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _onnxruntime(model: Path | bytes):
+    """An onnxruntime session of an ONNX file or its bytes, taking a batch of model inputs as a tensor."""
+    session = runtime_session("onnxruntime", model)
+    return lambda inp: session(inp.numpy())
+
+
 def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, fold_bn: bool = False,
                 lean: bool = True, int8: bool = False, order: str = "auto", trust_factory: bool = False) -> ExportResult:
     """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
@@ -90,8 +98,8 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     most 1 % (a spike float rounding flipped at the threshold: :func:`~snncompress.evaluation.runtime_agreement`),
     else :class:`VerificationError` and nothing is written. ``fold_bn`` folds BatchNorms into their convs
     first (fewer, cheaper ops; the result reports how many test predictions the fold left unchanged).
-    ``lean`` exports IF/LIF neurons as :class:`~snncompress.deploy.LeanNeuron` (about half the ONNX ops per
-    step, same spikes); ``order`` is how the time steps are unrolled (see :class:`~snncompress.deploy.UnrolledSNN`):
+    ``lean`` exports IF/LIF neurons as :class:`~snncompress.export.unroll.LeanNeuron` (about half the ONNX ops per
+    step, same spikes); ``order`` is how the time steps are unrolled (see :class:`~snncompress.export.unroll.UnrolledSNN`):
     ``auto`` takes ``step`` unless the model cannot be run step by step (its forward fails in single-step
     mode, or its readout is not the mean over the steps: checked in PyTorch before exporting), then
     ``layer``; a failed verification is never retried in another order. The verification always compares
@@ -112,9 +120,7 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
         fold_batchnorm(model, to_steps(graph_input(data.x_test[:2], T, enc), T, enc))
         after = evaluate(model, data.x_test, data.y_test, T, enc)[2].argmax(1)
         fold_agreement = float((before == after).float().mean())
-    wrapper = UnrolledSNN(model, T, enc).eval()  # the reference: the model as trained
-    with torch.no_grad():
-        reference = torch.cat([wrapper(inp) for inp in eval_batches(data.x_test, T, enc)]).numpy()
+    reference = batch_logits(UnrolledSNN(model, T, enc).eval(), data.x_test, T, enc)  # the model as trained
     example = graph_input(data.x_test[:2], T, enc)
     used = order
     if order == "auto":
@@ -138,7 +144,7 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
         q_path = out_path.with_suffix(".int8.onnx")
         onnx.helper.set_model_props(proto, {**props, "int8_weights": "True"})
         quantize_int8(proto, q_path)
-        q_logits = run_onnx(ort_session(q_path), data.x_test, T, enc)
+        q_logits = batch_logits(_onnxruntime(q_path), data.x_test, T, enc)
         y = data.y_test.numpy()
         quantized = {"path": str(q_path), "accuracy_fp32": float((got.argmax(1) == y).mean()),
                      "accuracy_int8": float((q_logits.argmax(1) == y).mean()),
@@ -153,7 +159,7 @@ def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndar
         proto = unrolled_onnx(model, example, T, encoding, lean, order)
     except Exception as e:  # the exporter raises many types on a model it cannot express; one line
         raise SnnCompressError(f"{source}: ONNX export failed ({first_line(e)})") from e
-    got = run_onnx(ort_session(proto.SerializeToString()), x, T, encoding)
+    got = batch_logits(_onnxruntime(proto.SerializeToString()), x, T, encoding)
     check = runtime_agreement(got, reference)
     if not check["ok"]:
         raise VerificationError(f"onnxruntime disagrees with PyTorch (max |Δlogit| {check['max_abs_diff']:.3g} "
@@ -183,7 +189,7 @@ def export_nir(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None 
                trust_factory: bool = False) -> NirExportResult:
     """Export a dense or slim checkpoint to NIR (neuromorphic hardware) and verify the file on the test set.
 
-    The network is laid out for NIR (:func:`snncompress.neuromorphic.nir_body`: BatchNorm folded into the
+    The network is laid out for NIR (:func:`snncompress.export.nir.nir_body`: BatchNorm folded into the
     convs, closed gates folded into zero weights, average pools as sum pools), exported with spikingjelly's
     exporter, written, read back with ``nir.read`` and simulated with spikingjelly's importer with the
     checkpoint's encoding and T. The simulation must give the exported network's predictions and max
@@ -191,8 +197,8 @@ def export_nir(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None 
     written. The fold itself is checked against the model as trained (in float64 where float32 rounding flips
     a spike at the threshold, as the slim stage does). What NIR cannot express is refused up front, in one line.
     """
-    from ..neuromorphic import (Simulator, body_logits, first_disagreeing_layer, neuron_count, nir_body,
-                                nir_metadata, node_counts, read_nir, simulate, to_nir_graph)
+    from ..export.nir import (Simulator, body_logits, first_disagreeing_layer, neuron_count, nir_body, nir_metadata,
+                              node_counts, read_nir, simulate, to_nir_graph)
 
     t0 = time.perf_counter()
     ckpt_path, out_path, ckpt, model = _source(ckpt_path, out_path, ".nir", trust_factory)

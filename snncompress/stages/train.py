@@ -24,7 +24,6 @@ from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, remove_temporaries, save_torch, write_text
 from ..checkpoint import build_model, load_weights, model_spec
 from ..config import Recipe, TrainCfg
-from ..deploy import require_runtime
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.datasets import Pairs
 from ..data.augment import random_crop_flip
@@ -32,10 +31,10 @@ from ..errors import SnnCompressError
 from ..evaluation import evaluate
 from ..layout import BEST, CKPT, METRICS
 from ..prune.gates import get_masks
+from ..prune.costs import CostUnit, build_unit
 from ..prune.groups import channel_groups
-from ..prune.cost import CostModel, build_cost
 from ..prune.pruner import Pruner, build_pruner
-from ..registry import is_code_string, trust_code
+from ..registry import trusted
 
 
 @dataclass
@@ -151,34 +150,33 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     DistributedDataParallel (``data.batch_size`` is per process); pruning statistics and metrics
     are summed over the processes, every mask update is checked to be identical on all of them,
     and only rank 0 writes files and shows progress.
+
+    User code the recipe names (a model factory, a method, a budget unit) is trusted for the call: the
+    recipe is what the user runs.
     """
-    with distributed.session(), deterministic_algorithms():
+    with distributed.session(), deterministic_algorithms(), trusted(*recipe.user_code()):
         return _train(recipe, out_dir, progress, resume)
 
 
 def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) -> TrainResult:
     multi, rank, main = distributed.is_distributed(), distributed.rank(), distributed.is_main()
     out_dir = Path(out_dir)
-    if recipe.prune and recipe.prune.budget_unit == "latency":  # before anything is read or written
-        require_runtime(recipe.deploy.runtime)
     seed_everything(recipe.seed)
     data: Dataset = load_dataset(recipe.data, recipe.seed)
     spec, model, example, weights = starting_model(recipe, data)
+    T, enc = recipe.data.T, recipe.data.encoding
+    groups = channel_groups(model, example)
+    unit = build_unit(model, groups, example, recipe) if recipe.prune else None  # may refuse: before any write
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a recipe whose weights do not fit writes nothing
     if main:  # what a killed run was writing when it died
         remove_temporaries(out_dir)
-    T, enc = recipe.data.T, recipe.data.encoding
-    groups = channel_groups(model, example)
-    cost = build_cost(model, groups, example, recipe.prune.budget_unit, T) if recipe.prune else None
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
     opt = make_optimizer(model, recipe.train)
     pruner: Pruner | None = None
     if recipe.prune:
-        if is_code_string(recipe.prune.method):  # the user's own recipe names it: trusted, as a model factory
-            trust_code(recipe.prune.method)
         # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
-        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt, cost=cost)
+        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt, unit=unit)
     # the statistics a pruner gathers per process (summed over processes under torchrun)
     statistics = pruner.statistics if pruner is not None else list
     epochs = recipe.train.epochs
@@ -209,8 +207,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     if multi:
         distributed.check_agree(str(start), "the epoch to start from",
                                 "every rank must see the same OUT/ckpt.pt (across nodes: a shared filesystem)")
-    if cost is not None and cost.needs_table:  # a resume reads the table from the checkpoint: same masks
-        _measure_latency(cost, model, data.x_train, recipe, progress and main)
+    if unit is not None and unit.needs_measurement:  # a resume reads it from the checkpoint: same masks
+        _measure(unit, model, data.x_train, recipe, progress and main)
     net = distributed.wrap(model, device)  # after the resume: rank 0's state goes to every rank
     base = {"format": CKPT_FORMAT, "version": __version__, "recipe": recipe.model_dump(mode="json"),
             "model": spec, "data": data.meta(recipe.data), "weights": weights}
@@ -292,17 +290,12 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     return TrainResult(out_dir, ckpt_path, best_path, metrics, budget)
 
 
-def _measure_latency(cost: CostModel, model: nn.Module, x: torch.Tensor, recipe: Recipe, show: bool) -> None:
-    """Latency tables of the layers on ``deploy.runtime`` and their fit to whole networks, measured by rank 0
-    alone (two processes timing at once would disturb each other) and sent to every rank, so all select
-    the same masks."""
-    from ..latency import LatencyFit, measure_latency
-
-    text = ""
-    if distributed.is_main():
-        with torch.no_grad():
-            text = measure_latency(cost, model, x, recipe.data.T, recipe.data.encoding, recipe.deploy, show).to_text()
-    LatencyFit.from_text(distributed.broadcast_text(text)).apply(cost)
+def _measure(unit: CostUnit, model: nn.Module, x: torch.Tensor, recipe: Recipe, show: bool) -> None:
+    """What the cost unit measures before training (e.g. latency tables on ``deploy.runtime``), measured by
+    rank 0 alone (two processes timing at once would disturb each other) and sent to every rank, so all
+    select the same masks."""
+    text = json.dumps(unit.measure(model, x, recipe, show)) if distributed.is_main() else ""
+    unit.load_measurement(json.loads(distributed.broadcast_text(text)))
 
 
 def _train_state(opt, sched, gen: torch.Generator, pruner: Pruner | None, best_acc: float) -> dict:

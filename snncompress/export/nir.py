@@ -2,11 +2,11 @@
 neuromorphic chips and simulators), and NIR files read back and simulated.
 
 spikingjelly's exporter (``nir_exchange.to_nir``) maps the layers and neurons; this module prepares the
-network it is given (BatchNorm folded into the convs, gates folded away, the adaptive readout pool as a
-plain average, no readout over T) and adds what the exporter lacks: a refusal, in one line, of what NIR
-cannot express; average pooling written as ``SumPool2d`` with its 1/k² folded into the next weights (the
-pooling every NIR consumer reads, see docs/design.md); the metadata; and the simulation of a file with
-spikingjelly's importer for the verification. Named ``neuromorphic`` so that it does not shadow ``nir``.
+network it is given (its stages in sequence, BatchNorm folded into the convs, gates folded away, the adaptive
+readout pool as a plain average, no readout over T) and adds what the exporter lacks: a refusal, in one line,
+of what NIR cannot express; average pooling written as ``SumPool2d`` with its 1/k² folded into the next
+weights (the pooling every NIR consumer reads, see docs/design.md); the metadata; and the simulation of a
+file with spikingjelly's importer for the verification.
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron
 from spikingjelly.activation_based.neuron import BaseNode
 
-from .data import eval_batches
-from .deploy import fold_batchnorm
-from .errors import SnnCompressError, first_line
-from .prune.gates import gate_modules, neuron_of, strip_gates
+from ..artifacts import sha256
+from ..data import to_steps
+from ..errors import SnnCompressError, first_line
+from ..evaluation import batch_logits
+from ..models.modules import set_module, step_mode
+from ..prune.gates import gate_modules, neuron_of, strip_gates
+from .fold import fold_batchnorm, fold_gates
 
 NIR_FORMAT = "snncompress.nir/1"
 # NIR's neurons are continuous-time; a file states its time step dt. spikingjelly's exporter and importer,
 # snnTorch's importer and most NIR tools use 0.1 ms: one network time step is dt = 1e-4 s.
 DT = 1e-4
 NEURONS = (neuron.IFNode, neuron.LIFNode)  # the exact types NIR can carry (ParametricLIF: learnable tau)
-MODELS = ("SpikingVGG", "SpikingResNet")  # the architectures whose forward is laid out as a NIR graph
 # the modules that become NIR nodes (everything else is traced through)
 LAYERS = (nn.Conv2d, nn.Linear, BaseNode, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity)
 
@@ -50,9 +52,9 @@ def _quiet() -> Iterator[None]:
 
 def check_expressible(model: nn.Module) -> None:
     """Refuse, naming the module and what NIR allows, any construct a NIR graph cannot express exactly."""
-    if type(model).__name__ not in MODELS:
-        raise SnnCompressError(f"NIR export supports the registered models (vgg, vgg16, resnet*, sew_resnet*), "
-                               f"not {type(model).__name__}")
+    if not callable(getattr(model, "stages", None)):
+        raise SnnCompressError(f"NIR export needs a model that lists its stages ({type(model).__name__} has no "
+                               "stages(): the registered models do, and a factory's model can, see docs/design.md)")
     for name, m in model.named_modules():
         where = f"{name} ({type(m).__name__})"
         if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
@@ -86,108 +88,29 @@ class Body(nn.Sequential):
     (single-step logits) out. The model's logits are the mean of these over the T steps."""
 
 
-def nir_body(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A single-step copy of ``model`` laid out for NIR: BatchNorm folded into the convs, gates folded into the
-    weights (a closed gate's channel gets zero weights and bias), adaptive pooling as a fixed average pool.
+def nir_body(model: nn.Module, example: torch.Tensor) -> Body:
+    """A single-step copy of ``model``'s stages laid out for NIR: BatchNorm folded into the convs, gates folded
+    into the weights (a closed gate's channel gets zero weights and bias), adaptive pooling as a fixed average
+    pool.
 
     ``example`` is one time step ``[B, C, H, W]``. Refuses (one line) what NIR cannot express.
     """
     check_expressible(model)
-    net = copy.deepcopy(model).eval()
-    masks = {neuron_of(n): g.mask.clone() for n, g in gate_modules(net).items()}
-    functional.reset_net(net)
-    fold_batchnorm(net, example.unsqueeze(0))
-    if any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
+    body = Body(OrderedDict(copy.deepcopy(model).eval().stages()))
+    masks = {neuron_of(n): g.mask.clone() for n, g in gate_modules(body).items()}
+    functional.reset_net(body)
+    fold_batchnorm(body, example.unsqueeze(0))
+    if any(isinstance(m, nn.BatchNorm2d) for m in body.modules()):
         raise SnnCompressError("a BatchNorm that does not follow a conv cannot be folded; NIR has no BatchNorm")
-    for name, m in list(net.named_modules()):
+    for name, m in list(body.named_modules()):
         if isinstance(m, nn.Identity):
-            _set(net, name, _Through())
-    _fold_gates(net, masks)
-    strip_gates(net)
-    _fixed_adaptive_pools(net, example)
-    names = ["features"] if hasattr(net, "features") else ["stem", *(f"layer{i}" for i in range(1, net.n_stages + 1))]
-    body = Body(OrderedDict((n, getattr(net, n)) for n in [*names, "pool", "flatten", "classifier"]))
+            set_module(body, name, _Through())
+    fold_gates(body, masks, LAYERS)
+    strip_gates(body)
+    _fixed_adaptive_pools(body, example)
     functional.set_step_mode(body, "s")
     functional.reset_net(body)
     return body
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _fold_gates(net: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the output channels of every conv whose output reaches a neuron through a closed gate.
-
-    A closed gate feeds 0 into its neuron. Without the gate the neuron's input is the sum of conv outputs
-    (directly or through a residual add) and of spikes of other neurons of its channel group, closed
-    on the same channels: zeroing those convs' rows (weights and bias) feeds it 0 again.
-    """
-    if all(bool(m.all()) for m in masks.values()):
-        return
-    from torch import fx
-
-    convs = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, LAYERS)
-
-    with _single_step(net):
-        graph = Tracer().trace(_ReadoutFree(net))
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        target = node.target.removeprefix("net.")
-        if target not in masks or bool(masks[target].all()):
-            continue
-        closed = ~masks[target]
-        for src in _sources(node):
-            name = src.target.removeprefix("net.")
-            if name in convs:
-                conv = net.get_submodule(name)
-                with torch.no_grad():
-                    conv.weight[closed] = 0
-                    if conv.bias is not None:
-                        conv.bias[closed] = 0
-
-
-def _sources(node) -> list:
-    """The call_module nodes whose outputs are summed into ``node``'s input."""
-    out, todo = [], list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n.op == "call_module":
-            out.append(n)
-        elif n.op == "call_function" or n.op == "call_method":  # a residual add
-            todo.extend(n.all_input_nodes)
-    return out
-
-
-class _ReadoutFree(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        if hasattr(net, "features"):
-            y = net.features(x)
-        else:
-            y = net.stem(x)
-            for i in range(1, net.n_stages + 1):
-                y = getattr(net, f"layer{i}")(y)
-        return net.classifier(net.flatten(net.pool(y)))
-
-
-@contextlib.contextmanager
-def _single_step(net: nn.Module) -> Iterator[None]:
-    functional.set_step_mode(net, "s")
-    try:
-        yield
-    finally:
-        functional.set_step_mode(net, "m")
 
 
 def _fixed_adaptive_pools(net: nn.Module, example: torch.Tensor) -> None:
@@ -197,12 +120,11 @@ def _fixed_adaptive_pools(net: nn.Module, example: torch.Tensor) -> None:
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: sizes.__setitem__(n, tuple(a[0].shape[-2:])))
                for n, m in pools.items()]
     try:
-        with torch.no_grad(), _single_step(net):
-            _ReadoutFree(net)(example)
+        with torch.no_grad(), step_mode(net, "s"):
+            net(example)
     finally:
         for h in handles:
             h.remove()
-        functional.reset_net(net)
     for name, m in pools.items():
         out = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
         size = sizes[name]
@@ -212,7 +134,7 @@ def _fixed_adaptive_pools(net: nn.Module, example: torch.Tensor) -> None:
                                    "is not a plain average; NIR allows it where the input size is a multiple of "
                                    "the output size (model.readout_pool)")
         k = (size[0] // out[0], size[1] // out[1])
-        _set(net, name, layer.AvgPool2d(k, k))
+        set_module(net, name, layer.AvgPool2d(k, k))
 
 
 def to_nir_graph(body: nn.Module, example: torch.Tensor, metadata: dict[str, str]):
@@ -335,11 +257,12 @@ def neuron_count(graph) -> int:
 
 
 def nir_exported_from(nir_path: Path, ckpt_path: Path) -> bool:
-    """Whether ``nir_path`` exists and was exported from exactly ``ckpt_path``."""
-    from .artifacts import sha256
-
+    """Whether ``nir_path`` is an snncompress export of exactly ``ckpt_path`` (False for a missing, foreign or
+    unreadable file: the run then exports it again)."""
+    if not nir_path.exists():
+        return False
     try:
-        return nir_path.exists() and read_nir_metadata(nir_path).get("source_sha256") == sha256(ckpt_path)
+        return read_nir_metadata(nir_path).get("source_sha256") == sha256(ckpt_path)
     except SnnCompressError:
         return False
 
@@ -375,23 +298,21 @@ class Simulator:
 
 
 def simulate(sim: Simulator, x: torch.Tensor, T: int, encoding: str) -> np.ndarray:
-    """Logits of a simulated NIR file over dataset samples ``x`` (the inputs :func:`eval_batches` gives PyTorch)."""
-    from .data import to_steps
-
-    return torch.cat([sim.logits(to_steps(inp, T, encoding)) for inp in eval_batches(x, T, encoding)]).numpy()
+    """Logits of a simulated NIR file over dataset samples ``x``."""
+    return batch_logits(lambda inp: sim.logits(to_steps(inp, T, encoding)), x, T, encoding)
 
 
 @torch.no_grad()
 def body_logits(body: nn.Module, x: torch.Tensor, T: int, encoding: str) -> np.ndarray:
     """Logits of a :func:`nir_body` in PyTorch: the mean of its outputs over the T steps, from rest per batch."""
-    from .data import to_steps
-
-    out = []
-    for inp in eval_batches(x, T, encoding):
+    def run(inp: torch.Tensor) -> torch.Tensor:
         functional.reset_net(body)
-        out.append(torch.stack([body(x_t) for x_t in to_steps(inp, T, encoding)]).mean(0))
-    functional.reset_net(body)
-    return torch.cat(out).numpy()
+        return torch.stack([body(x_t) for x_t in to_steps(inp, T, encoding)]).mean(0)
+
+    try:
+        return batch_logits(run, x, T, encoding)
+    finally:
+        functional.reset_net(body)
 
 
 @torch.no_grad()

@@ -1,0 +1,40 @@
+"""The built-in methods' own options (``prune.options`` in a recipe), torch-free so that the recipe schema checks
+them before torch is imported. Each method class names its model (``Options = ...``); the registry's declaration
+of a built-in method points at the same model, and a test checks that both agree.
+
+A method of your own declares its options the same way: a pydantic model as the class attribute ``Options``
+(docs/methods.md, "Adding a method").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import PQIndex
+
+
+class NoOptions(BaseModel):
+    """A method without options (``prune.options`` must stay empty)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CriticalityOptions(NoOptions):
+    """``criticality`` (Chen et al.)."""
+
+    l1_gamma: float = Field(1e-4, ge=0)  # weight of the L1 penalty on BN gamma in the loss
+
+
+class CriticalityWeightOptions(NoOptions):
+    """``criticality_unstructured`` (Chen et al.)."""
+
+    weight_regrow: float = Field(0.5, ge=0, lt=1)  # share r of the kept weights chosen by channel criticality
+
+
+class PQOptions(PQIndex):
+    """``pq`` (Shen et al.): the PQ index constants (as ``budget: pq`` takes them) and the rewiring."""
+
+    scope: Literal["layer", "neuron"] = "layer"  # PQ index and rewiring count per layer or per output neuron
+    er_init: bool = True  # Erdos-Renyi(-kernel) per-layer densities at init (false: the same density everywhere)
