@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 
 from .artifacts import SLIM_FORMAT, load_checkpoint, read_torch_file, sha256
-from .config import VGG_MODELS, Recipe, parse_recipe
-from .errors import RecipeError, SnnCompressError, first_line
+from .config import Recipe, parse_recipe
+from .errors import MaskError, ModelError, RecipeError, SnnCompressError, first_line
 from .models import FactoryError, build_factory_model, create_model
-from .models.factory import accepted_data_kwargs, resolve_factory
+from .models.factory import DATA_KWARGS, accepted_data_kwargs, model_options, resolve_factory
+from .registry import MODELS
 from .prune.gates import attach_gates, set_masks, strip_gates
 
 
@@ -31,12 +32,14 @@ def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
     if m.factory is not None:
         fn = resolve_factory(m.factory)
         return {"factory": m.factory, "kwargs": {**m.kwargs, **accepted_data_kwargs(fn, in_channels, num_classes)}}
-    kwargs = {"in_channels": in_channels, "num_classes": num_classes, "neuron": m.neuron.model_dump(), "width": m.width}
-    if m.name == "vgg":
-        kwargs.update(layers=list(m.layers), readout_pool=m.readout_pool)
-    if m.name in VGG_MODELS:
-        kwargs["pool"] = m.pool
-    return {"name": m.name, "kwargs": kwargs}
+    return {"name": m.name, "kwargs": {"in_channels": in_channels, "num_classes": num_classes,
+                                       **model_options(m.name, m.options)}}
+
+
+def check_model_options(recipe: Recipe) -> None:
+    """Refuse a registered model's bad options in one line before any data is read (its builder checks them)."""
+    if recipe.model.name is not None:
+        model_options(recipe.model.name, recipe.model.options)
 
 
 def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = None,
@@ -50,9 +53,9 @@ def build_model(spec: dict, example: torch.Tensor, num_classes: int | None = Non
         model = build_factory_model(spec["factory"], dict(spec["kwargs"]), example, num_classes, trust_factory)
         try:
             return attach_gates(model, example)
-        except ValueError as e:  # a layer channel pruning cannot handle exactly
+        except ModelError as e:  # a layer channel pruning cannot handle exactly
             raise FactoryError(f"model factory {spec['factory']!r}: {e}") from e
-        except Exception as e:  # the trace runs one time step in single-step mode
+        except Exception as e:  # the trace runs the user's forward, one time step in single-step mode
             raise FactoryError(f"model factory {spec['factory']!r}: its forward fails when traced in single-step "
                                f"mode on [B, C, H, W] ({first_line(e)}); build it from spikingjelly layers whose "
                                "step mode can be switched") from e
@@ -107,9 +110,13 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
     A checkpoint naming a user factory is refused, without importing it, unless ``trust_factory``
     (or the factory is trusted in this process already, e.g. named by the recipe being run).
     """
+    spec = _checked_spec(ckpt, source)
     try:
         example = example_input(ckpt)
-        model = build_model(ckpt["model"], example, len(ckpt["data"]["classes"]), trust_factory)
+        model = build_model(spec, example, len(ckpt["data"]["classes"]), trust_factory)
+    except FactoryError as e:
+        raise FactoryError(f"{source}: {e}") from e
+    try:
         if ckpt["format"] == SLIM_FORMAT:
             model = resize_to(strip_gates(model), ckpt["state_dict"])
             model.load_state_dict(ckpt["state_dict"])
@@ -118,11 +125,29 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
 
             model.load_state_dict(ckpt["state_dict"])
             set_masks(model, channel_groups(model, example), ckpt["masks"])
-    except FactoryError as e:
-        raise FactoryError(f"{source}: {e}") from e
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (MaskError, RuntimeError) as e:  # load_state_dict reports missing, unexpected or resized tensors
         raise SnnCompressError(f"{source}: weights do not match the model it describes ({first_line(e)})") from e
     return model.eval()
+
+
+def _checked_spec(ckpt: dict, source: str) -> dict:
+    """The checkpoint's model spec, refused in one line unless it is one a model can be built from (a registered
+    model's kwargs checked by its builder)."""
+    spec = ckpt["model"]
+    name, factory = (spec.get("name"), spec.get("factory")) if isinstance(spec, dict) else (None, None)
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs"), dict) or \
+            not (isinstance(name, str) or isinstance(factory, str)):
+        raise SnnCompressError(f"{source}: model entry must be {{name or factory, kwargs}}, got {spec!r:.80}")
+    if factory is None:
+        if name not in MODELS:
+            raise SnnCompressError(f"{source}: unknown model {name!r}; registered: {', '.join(MODELS.names())}")
+        try:
+            model_options(name, {k: v for k, v in spec["kwargs"].items() if k not in DATA_KWARGS})
+        except RecipeError as e:
+            raise SnnCompressError(f"{source}: {e}") from e
+    if not all(isinstance(spec["kwargs"].get(k, 1), int) for k in DATA_KWARGS):
+        raise SnnCompressError(f"{source}: model kwargs in_channels and num_classes must be ints")
+    return spec
 
 
 def load_model(path: str | os.PathLike, trust_factory: bool = False) -> nn.Module:

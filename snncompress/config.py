@@ -62,62 +62,55 @@ def _round_to(v: Any) -> int | str:
     raise ValueError("must be a positive int (channels per block) or 'auto' (the runtime's block on this CPU)")
 
 
-def _layer_entry(v: Any) -> int | str:
-    if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-        return v
-    raise ValueError("must be a positive int (conv width) or 'M' (2x2 pool, see model.pool)")
-
-
 Fraction = Annotated[float, AfterValidator(_fraction)]
 FractionOpen = Annotated[float, AfterValidator(_fraction_open)]
 Positive = Annotated[float, AfterValidator(_positive)]
 PositiveInt = Annotated[int, AfterValidator(_positive)]
 NonNegative = Annotated[float, AfterValidator(_non_negative)]
 NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
+AboveOne = Annotated[float, AfterValidator(_above_one)]
 
 
-class _Strict(BaseModel):
+class Section(BaseModel):
+    """A recipe section: unknown keys refused, immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class NeuronCfg(_Strict):
-    """The spiking neuron that follows every conv + BN."""
-
-    type: Literal["lif", "if"] = "lif"
-    tau: Annotated[float, AfterValidator(_above_one)] = 2.0
-    v_threshold: Positive = 1.0
-    reset: Literal["hard", "soft"] = "hard"
-    surrogate: Literal["atan", "sigmoid"] = "atan"
-    alpha: Positive = 2.0
-    detach_reset: bool = True
+# Recipes written by snncompress <= 0.1.0 (and the recipes stored in its checkpoints) state these model keys with
+# these values for every model; each equals the default of every builder that takes it, so it is dropped.
+LEGACY_MODEL = {"layers": None, "width": 1.0, "readout_pool": 1, "pool": "max",
+                "neuron": {"type": "lif", "tau": 2.0, "v_threshold": 1.0, "reset": "hard", "surrogate": "atan",
+                           "alpha": 2.0, "detach_reset": True}}
 
 
-VGG_MODELS = ("vgg", "vgg16")  # the registered models with 2x2 pools (model.pool)
+class ModelCfg(BaseModel):
+    """A registered model (``name``, and its options as further keys: the keyword arguments of its builder,
+    e.g. ``layers``, ``width``, ``neuron``, checked by the builder when the model is built) or a user factory
+    (``factory`` and its ``kwargs``); exactly one of them."""
 
-
-class ModelCfg(_Strict):
-    """A registered model (``name``) or a user factory (``factory``); exactly one of them."""
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     name: str | None = None  # registered model (`snncompress info` lists them); vgg if no factory is given
     factory: str | None = None  # "package.module:function" returning a spikingjelly nn.Module
     kwargs: dict[str, Any] = Field(default_factory=dict)  # factory only: its keyword arguments
-    # vgg only: conv widths; "M" is a 2x2 max-pool.
-    layers: list[Annotated[int | str, PlainValidator(_layer_entry)]] | None = None
-    width: Positive = 1.0  # registered models: every channel count is scaled by it
-    readout_pool: PositiveInt = 1  # vgg only: average the last feature map to p x p before the linear readout
-    pool: Literal["max", "avg"] = "max"  # vgg models: the 2x2 pools ("avg" for NIR: chips have no max pooling)
-    neuron: NeuronCfg = NeuronCfg()
     # trained weights to start from: an snncompress checkpoint, a torch.save(state_dict) file, or a dict
     # holding the state dict under state_dict / model / net (read with torch.load(weights_only=True))
     weights: str | None = None
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """The registered model's options (every key but name, factory, kwargs and weights)."""
+        return dict(self.model_extra or {})
+
     @model_validator(mode="before")
     @classmethod
     def _default_vgg(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("name") is None and data.get("factory") is None:
-            data = {**data, "name": "vgg"}
-        if isinstance(data, dict) and data.get("name") == "vgg" and data.get("layers") is None:
-            data = {**data, "layers": [64, 128, "M", 256, "M", 256]}
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (k in LEGACY_MODEL and v == LEGACY_MODEL[k])}
+        if data.get("name") is None and data.get("factory") is None:
+            data["name"] = "vgg"
         return data
 
     @model_validator(mode="after")
@@ -127,31 +120,21 @@ class ModelCfg(_Strict):
                 raise ValueError("factory: give either name (a registered model) or factory, not both")
             if not is_code_string(self.factory):
                 raise ValueError(f"factory: must be 'package.module:function', got {self.factory!r}")
-            # compared with the defaults, not model_fields_set: a dumped recipe (in a checkpoint) states them all
-            for key, default in (("layers", None), ("width", 1.0), ("readout_pool", 1), ("pool", "max"),
-                                 ("neuron", NeuronCfg())):
-                if getattr(self, key) != default:
-                    raise ValueError(f"{key}: only for registered models; pass a factory's arguments in kwargs")
+            if self.options:
+                raise ValueError(f"{next(iter(self.options))}: only for registered models; pass a factory's "
+                                 "arguments in kwargs")
             if set(self.kwargs) & {"in_channels", "num_classes"}:
                 raise ValueError("kwargs: in_channels and num_classes come from the data; remove them")
             return self
         if self.name not in MODELS:
             raise ValueError(f"name: unknown model {self.name!r}; registered: {', '.join(MODELS.names())}")
         if self.kwargs:
-            raise ValueError("kwargs: only for a factory; registered models take layers (vgg), width and neuron")
-        if self.name != "vgg" and self.layers is not None:
-            raise ValueError(f"layers: only for vgg (model.name is {self.name}); scale other models with width")
-        if self.name != "vgg" and self.readout_pool != 1:
-            raise ValueError(f"readout_pool: only for vgg (model.name is {self.name})")
-        if self.name not in VGG_MODELS and self.pool != "max":
-            raise ValueError(f"pool: only for {' / '.join(VGG_MODELS)} (model.name is {self.name}: it has no 2x2 "
-                             "pools; its global pool is an average already)")
-        if self.name == "vgg" and not any(isinstance(v, int) for v in self.layers):
-            raise ValueError("layers: needs at least one conv width (an int)")
+            raise ValueError("kwargs: only for a factory; a registered model takes its options as keys of model "
+                             "(e.g. model.width)")
         return self
 
 
-class DataCfg(_Strict):
+class DataCfg(Section):
     """Offline datasets. ``digits``/``mnist5k`` ship with the install; the others read ``root``."""
 
     name: Literal["digits", "mnist5k", "cifar10", "cifar100", "frames"] = "digits"
@@ -179,14 +162,14 @@ class DataCfg(_Strict):
         return self.augment if self.augment is not None else self.name.startswith("cifar")
 
 
-class OptimizerCfg(_Strict):
+class OptimizerCfg(Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: Positive = 0.1
     momentum: FractionOpen = 0.9
     weight_decay: NonNegative = 5e-4
 
 
-class TrainCfg(_Strict):
+class TrainCfg(Section):
     epochs: PositiveInt = 30
     optimizer: OptimizerCfg = OptimizerCfg()
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -243,7 +226,7 @@ def _builtin_options(method: str) -> type[BaseModel] | None:
     return getattr(importlib.import_module(module), attr)
 
 
-class PQIndex(_Strict):
+class PQIndex(Section):
     """PQ index norms and adaptive-ratio constants (Diao et al. 2023) of ``budget: pq``; the ``pq`` method takes
     the same ones among its options."""
 
@@ -297,7 +280,7 @@ def _translate_legacy(data: dict) -> dict:
     return data
 
 
-class PruneCfg(_Strict):
+class PruneCfg(Section):
     """Dynamic pruning during training (see docs/methods.md); epochs count from 0.
 
     Structured methods keep a fraction ``keep`` of the conv *channels*; unstructured methods remove a
@@ -406,7 +389,7 @@ class PruneCfg(_Strict):
 RUNTIMES = ("onnxruntime", "openvino")  # CPU runtimes an exported model is timed on (openvino: an optional extra)
 
 
-class DeployCfg(_Strict):
+class DeployCfg(Section):
     """Where the compressed model runs: what latency budgets are measured on and what `run` benches."""
 
     runtime: Literal[RUNTIMES] = "onnxruntime"  # openvino needs: pip install 'snncompress[openvino]'
@@ -414,13 +397,13 @@ class DeployCfg(_Strict):
     threads: PositiveInt | None = None  # intra-op threads; null: every core this process may use
 
 
-class ExportCfg(_Strict):
+class ExportCfg(Section):
     """What ``run`` exports besides the ONNX files it benches."""
 
     nir: bool = False  # also model.nir: the slim network in NIR for neuromorphic hardware (docs: README, NIR)
 
 
-class Recipe(_Strict):
+class Recipe(Section):
     name: str = "run"
     seed: NonNegativeInt = 0
     model: ModelCfg = ModelCfg()
@@ -460,18 +443,33 @@ class Recipe(_Strict):
         return self.model_copy(update={"prune": None, "baseline": False, "name": f"{self.name}-baseline"})
 
 
-def _allowed_keys(loc: tuple, root: type[BaseModel] = Recipe) -> list[str]:
-    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+def _section(loc: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+    """The model class at the parent of ``loc`` (None where the path leaves the schema)."""
     model: Any = root
     for part in loc[:-1]:
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return []
+            return None
         ann = model.model_fields[part].annotation
         args = getattr(ann, "__args__", ())
         model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _allowed_keys(loc: tuple, root: type[BaseModel] = Recipe) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    model = _section(loc, root)
+    return list(model.model_fields) if model is not None else []
+
+
+def _names_a_key(head: str, loc: tuple, root: type[BaseModel]) -> bool:
+    """Whether ``head`` (a model-level validator's ``head: message``) is a key of the section at ``loc``: a field
+    (``options.x``: an option of the field ``options``), an older spelling, or any key of a section that takes
+    open-ended keys (a model's options)."""
+    model = _section((*loc, head), root)
+    if model is None:
+        return False
+    return (head.split(".")[0] in model.model_fields or head in LEGACY_PRUNE
+            or (model.model_config.get("extra") == "allow" and head.isidentifier()))
 
 
 def _format_error(err: dict, root: type[BaseModel] = Recipe) -> str:
@@ -482,9 +480,7 @@ def _format_error(err: dict, root: type[BaseModel] = Recipe) -> str:
         allowed = _allowed_keys(loc, root)
         return f"{'.'.join(map(str, loc))}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     head, sep, rest = msg.partition(": ")
-    # a model-level validator names the field it is about (options.x: an option of a method's own model)
-    model_level = err["type"] == "value_error" and sep and (head.split(".")[0] in _allowed_keys((*loc, head), root)
-                                                            or head in LEGACY_PRUNE)
+    model_level = err["type"] == "value_error" and sep and _names_a_key(head, loc, root)
     if model_level:  # a model-level validator names the field it is about; its input is the whole section
         loc, msg = (*loc, head), rest
     path = ".".join(map(str, loc)) or "recipe"

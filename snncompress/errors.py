@@ -38,6 +38,14 @@ class VerificationError(SnnCompressError):
     exit_code = EXIT_USER
 
 
+class ModelError(SnnCompressError):
+    """A model with a layer or neuron that pruning (or a method) cannot handle exactly."""
+
+
+class MaskError(SnnCompressError):
+    """Channel or weight masks that do not fit the model (an unknown group, a wrong size, a group left empty)."""
+
+
 def first_line(e: BaseException, typed: bool = True) -> str:
     """``Type: first line of the message`` (``typed=False``: the line alone; the type if there is no message):
     how a foreign exception is quoted in one line."""

@@ -16,12 +16,22 @@ from matplotlib.figure import Figure
 from .artifacts import atomic_path
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Module names without the dotted prefix they all share (``features.conv1.conv`` -> ``conv1.conv`` when
+    every name starts with ``features.``), whatever the model calls its parts."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
 def _bars(ax, labels: list[str], series: dict[str, list[float]], ylabel: str, log: bool = False) -> None:
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for i, (name, values) in enumerate(series.items()):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
-    ax.set_xticks(x, [label.removeprefix("features.") for label in labels], rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(x, short_names(labels), rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import distributed
 from .artifacts import load_checkpoint, write_json
-from .checkpoint import recipe_of
+from .checkpoint import check_model_options, recipe_of
 from .config import Recipe
 from .data import load_dataset
 from .errors import SnnCompressError
@@ -89,6 +89,7 @@ def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Call
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
     require_runtime(recipe.deploy.runtime)  # the bench runs on it: fail before training, not after
+    check_model_options(recipe)
     recipe_json = recipe.model_dump(mode="json")
     status = {"format": RUN_FORMAT, "recipe": recipe_json, "stages": {}}
     if recipe.model.weights:  # checked before anything is written: weights that do not fit leave no run behind

@@ -8,7 +8,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
 import snncompress
-from snncompress.errors import RecipeError
+from snncompress.errors import ModelError, RecipeError
 from snncompress.models.neuron import make_neuron
 from snncompress.prune.baselines import BNScorer, L1Scorer, RandomScorer
 from snncompress.prune.pruner import build_pruner
@@ -149,7 +149,7 @@ def test_criticality_function_values():
     ("soft", [0.75, 1.125, 0.2625, 1.63125]),
 ])
 def test_membrane_before_fire_hand_lif(reset, expected):
-    node = make_neuron(tau=2.0, v_threshold=1.0, reset=reset)
+    node = make_neuron({"tau": 2.0, "v_threshold": 1.0, "reset": reset})
     node.store_v_seq = True
     x = torch.tensor([1.5, 1.5, 0.4, 3.0]).view(4, 1)
     spikes = node(x)
@@ -159,7 +159,7 @@ def test_membrane_before_fire_hand_lif(reset, expected):
 
 def test_membrane_before_fire_hand_if():
     # IF: H[t] = v[t-1] + x[t]: 0.6; 1.2 fire -> 0; 0.4; 3.4
-    node = make_neuron(type="if")
+    node = make_neuron({"type": "if"})
     node.store_v_seq = True
     x = torch.tensor([0.6, 0.6, 0.4, 3.0]).view(4, 1)
     node(x)
@@ -191,7 +191,7 @@ class _GateLIF(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels)
-        self.spike = make_neuron(tau=2.0, v_threshold=1.0, reset="hard")
+        self.spike = make_neuron({"tau": 2.0, "v_threshold": 1.0, "reset": "hard"})
         attach_gates(self, torch.zeros(1, 1, channels, 1, 1))
 
     def forward(self, x):
@@ -243,7 +243,7 @@ class _Tiny(nn.Module):
         super().__init__()
         self.conv = layer.Conv2d(1, 4, 1, bias=False, step_mode="m")
         self.bn = layer.BatchNorm2d(4, step_mode="m")
-        self.spike = make_neuron(tau=2.0, v_threshold=1.0)
+        self.spike = make_neuron({"tau": 2.0, "v_threshold": 1.0})
         nn.init.zeros_(self.conv.weight)
         attach_gates(self, torch.zeros(1, 1, 1, 2, 2))
 
@@ -334,7 +334,7 @@ def test_bn_scores_abs_gamma_mean_over_members():
     # a: |-1|, |0.5| and |3|, |0.5| -> (2, 0.5); c: 0.1, 0.2, 0
     assert s["a"].tolist() == [2.0, 0.5]
     assert torch.allclose(s["c"], torch.tensor([0.1, 0.2, 0.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match="BatchNorm"):
+    with pytest.raises(ModelError, match="BatchNorm"):
         BNScorer(net, [ChannelGroup("a", 2, ["a", "b"], [])])
 
 

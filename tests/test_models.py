@@ -17,6 +17,7 @@ from snncompress.runtime.sessions import ort_session
 from snncompress.models import FactoryError
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.config import parse_recipe
+from snncompress.models.factory import model_options
 from snncompress.registry import trusted
 from snncompress.evaluation import compare_models
 
@@ -178,12 +179,14 @@ def _recipe_error(model: dict) -> str:
 
 
 def test_recipe_model_fields():
-    assert parse_recipe({"model": {"name": "resnet19", "width": 0.25}}).model.layers is None
-    assert parse_recipe({}).model.layers == [64, 128, "M", 256, "M", 256]
+    assert parse_recipe({"model": {"name": "resnet19", "width": 0.25}}).model.options == {"width": 0.25}
+    assert model_options("vgg", parse_recipe({}).model.options)["layers"] == [64, 128, "M", 256, "M", 256]
     msg = _recipe_error({"name": "resnet99"})
     assert "model.name: unknown model 'resnet99'; registered:" in msg and "sew_resnet19" in msg and "vgg16" in msg
-    assert "model.layers: only for vgg" in _recipe_error({"name": "resnet20", "layers": [8]})
-    assert "model.width: must be > 0, got 0" in _recipe_error({"name": "resnet20", "width": 0})
+    with pytest.raises(sc.RecipeError, match=r"model.layers: unknown key; allowed: neuron, width \(model resnet20\)"):
+        model_options("resnet20", {"layers": [8]})  # the builder's own signature says what it takes
+    with pytest.raises(sc.RecipeError, match="model.width: must be > 0, got 0"):
+        model_options("resnet20", {"width": 0})
     assert "not both" in _recipe_error({"name": "vgg", "factory": f"{USER}:small_snn"})
     assert "model.kwargs: only for a factory" in _recipe_error({"name": "vgg", "kwargs": {"a": 1}})
     assert "model.width: only for registered models" in _recipe_error({"factory": f"{USER}:small_snn", "width": 2})

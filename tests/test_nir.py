@@ -13,6 +13,7 @@ import snncompress as sc
 from snncompress.artifacts import sha256
 from snncompress.data import load_dataset
 from snncompress.errors import SnnCompressError
+from snncompress.models.factory import model_options
 from snncompress.export.nir import (NIR_FORMAT, Simulator, body_logits, check_expressible, nir_body,
                                       read_nir, read_nir_metadata, simulate, to_nir_graph)
 from snncompress.prune.gates import attach_gates, gate_modules
@@ -135,12 +136,12 @@ def test_info_refuses_a_corrupted_nir_file_in_one_line(tmp_path):
 
 
 def test_recipe_pool_is_for_vgg_models_only():
-    assert sc.parse_recipe({"model": {"layers": [8, "M", 8], "pool": "avg"}}).model.pool == "avg"
-    assert sc.parse_recipe({}).model.pool == "max" and not sc.parse_recipe({}).export.nir
-    with pytest.raises(sc.RecipeError, match="model.pool: only for vgg / vgg16"):
-        sc.parse_recipe({"model": {"name": "resnet20", "pool": "avg"}})
-    with pytest.raises(sc.RecipeError, match="model.pool: "):
-        sc.parse_recipe({"model": {"pool": "min"}})
+    assert model_options("vgg", {"layers": [8, "M", 8], "pool": "avg"})["pool"] == "avg"
+    assert model_options("vgg16", {})["pool"] == "max" and not sc.parse_recipe({}).export.nir
+    with pytest.raises(sc.RecipeError, match=r"model.pool: unknown key; allowed: neuron, width \(model resnet20\)"):
+        model_options("resnet20", {"pool": "avg"})  # its global pool is an average already: no option
+    with pytest.raises(sc.RecipeError, match="model.pool: must be 'max' or 'avg'"):
+        model_options("vgg", {"pool": "min"})
     with pytest.raises(sc.RecipeError, match="export.onnx: unknown key; allowed: nir"):
         sc.parse_recipe({"export": {"onnx": True}})
 

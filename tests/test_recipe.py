@@ -35,8 +35,17 @@ def test_unknown_top_level_section():
     assert "trian: unknown key" in _error({"trian": {}})
 
 
+def _model_error(model: dict) -> str:
+    """The error the model's own builder gives for its options (checked before any data is read)."""
+    from snncompress.checkpoint import check_model_options
+
+    with pytest.raises(RecipeError) as e:
+        check_model_options(parse_recipe({"model": model}))
+    return str(e.value)
+
+
 def test_bad_literal_lists_choices():
-    msg = _error({"model": {"neuron": {"surrogate": "relu"}}})
+    msg = _model_error({"neuron": {"surrogate": "relu"}})
     assert "model.neuron.surrogate" in msg and "'atan'" in msg and "'relu'" in msg
 
 
@@ -46,8 +55,16 @@ def test_negative_lr_and_zero_T():
 
 
 def test_bad_layer_entry():
-    msg = _error({"model": {"layers": [8, "X"]}})
-    assert "model.layers.1" in msg
+    assert "model.layers.1: must be a positive int (conv width) or 'M'" in _model_error({"layers": [8, "X"]})
+    assert "model.layers: needs at least one conv width" in _model_error({"layers": ["M"]})
+
+
+def test_a_bad_model_option_exits_2_in_one_line_before_anything_is_written(tmp_path):
+    bad = write_recipe(tmp_path / "bad.yaml", {**TINY, "model": {"name": "resnet20", "layres": [8]}})
+    res = cli("train", bad, "--out", tmp_path / "out")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: model.layres: unknown key; allowed: neuron, width (model resnet20)"], res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_regrow_must_fit_inside_keep():

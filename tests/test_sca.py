@@ -13,7 +13,7 @@ def test_activity_score_is_mean_of_spikes_plus_abs_membrane():
     #   score = mean(s + |v|) over t = ((0 + 0.75) + (1 + 0)) / 2 = 0.875
     # channel 1 gets -1: v1 = -0.5, v2 = -0.75 -> score (0.5 + 0.75) / 2 = 0.625
     net = nn.Sequential()
-    net.add_module("spike", make_neuron(tau=2.0, v_threshold=1.0, reset="hard"))
+    net.add_module("spike", make_neuron({"tau": 2.0, "v_threshold": 1.0, "reset": "hard"}))
     attach_gates(net, torch.zeros(1, 1, 2, 1, 1))
     scorer = ActivityScorer(net, [ChannelGroup("g", 2, ["conv"], gates=["spike.gate"])])
     x = torch.tensor([1.5, -1.0]).view(1, 1, 2, 1, 1).repeat(2, 1, 1, 1, 1)  # [T, B, C, H, W]

@@ -3,6 +3,7 @@ import torch
 from spikingjelly.activation_based import functional, neuron
 
 import snncompress as sc
+from snncompress.errors import MaskError
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.evaluation import compare_models
 
@@ -53,9 +54,9 @@ def test_slim_equals_masked_including_single_channel_layers(seed):
 
 def test_slim_rejects_empty_mask_and_wrong_shape():
     model = _model()
-    with pytest.raises(ValueError, match="keeps no channel"):
+    with pytest.raises(MaskError, match="keeps no channel"):
         sc.slim(model, {"features.conv1.conv": torch.zeros(8, dtype=torch.bool)}, torch.zeros(2, 1, 8, 8))
-    with pytest.raises(ValueError, match="8 channels"):
+    with pytest.raises(MaskError, match="8 channels"):
         sc.slim(model, {"features.conv1.conv": torch.ones(3, dtype=torch.bool)}, torch.zeros(2, 1, 8, 8))
 
 

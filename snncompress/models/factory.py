@@ -1,4 +1,5 @@
-"""User model factories, named ``"package.module:function"`` in a recipe.
+"""Building models: a registered one from its name and options (checked by its builder's signature), or a user
+factory named ``"package.module:function"`` in a recipe.
 
 A factory is imported only when trusted (see :func:`snncompress.registry.trust_code`), and its model is checked
 before use: it must be an ``nn.Module`` with supported layers whose multi-step forward maps ``[T, B, C, H, W]``
@@ -9,15 +10,21 @@ so what it returns does not matter. Every failure is a one-line :class:`FactoryE
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Callable
+import typing
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, create_model as create_pydantic_model
 
-from ..errors import first_line
+from ..config import option_errors
+from ..errors import RecipeError, first_line
 from ..registry import MODELS, UntrustedCodeError, import_code
 from .modules import step_mode
+
+DATA_KWARGS = ("in_channels", "num_classes")  # what every builder takes from the data, not from the recipe
 
 
 class FactoryError(UntrustedCodeError):
@@ -27,6 +34,28 @@ class FactoryError(UntrustedCodeError):
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered spiking model (multi-step mode) from its name and keyword arguments."""
     return MODELS.get(name)(**kwargs)
+
+
+@functools.cache
+def options_model(builder: Callable) -> type[BaseModel]:
+    """A registered builder's options as a pydantic model: its keyword arguments but the data's, with their
+    annotated types and defaults (a builder states its options' bounds in its annotations, as timm's builders
+    state their kwargs)."""
+    hints = typing.get_type_hints(builder, include_extras=True)
+    fields = {n: (hints.get(n, Any), ... if p.default is p.empty else p.default)
+              for n, p in inspect.signature(builder).parameters.items() if n not in DATA_KWARGS}
+    return create_pydantic_model(f"{builder.__name__}_options", __config__=ConfigDict(extra="forbid",
+                                                                                     validate_default=True), **fields)
+
+
+def model_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of registered model ``name`` from a recipe's model options: checked by its builder's
+    signature (unknown names, types, bounds) and completed with its defaults, as plain data; a
+    :class:`~snncompress.errors.RecipeError` naming each bad ``model.<option>`` otherwise."""
+    checked, errors = option_errors(options_model(MODELS.get(name)), options)
+    if errors:
+        raise RecipeError("; ".join(f"model{line}" for line in errors) + f" (model {name})")
+    return checked.model_dump(mode="json")
 
 
 def resolve_factory(factory: str, trust: bool = False) -> Callable[..., nn.Module]:

@@ -10,6 +10,10 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
+from ..config import Positive
+
+Width = Positive  # the registered models' width multiplier: every channel count times it (rounded, at least 1)
+
 
 @contextmanager
 def step_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:

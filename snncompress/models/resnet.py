@@ -23,8 +23,8 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer
 
 from ..registry import register_model
-from .modules import StagedSNN
-from .neuron import make_neuron
+from .modules import StagedSNN, Width
+from .neuron import NeuronCfg, make_neuron
 from .vgg import scaled
 
 
@@ -36,20 +36,20 @@ def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int) -> list[tuple[str
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN + neuron layers with a residual add (``sew=False``: before the last neuron)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, neuron: dict, sew: bool):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, neuron: NeuronCfg | dict | None, sew: bool):
         super().__init__()
         self.sew = sew
         self.conv1 = layer.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
         self.bn1 = layer.BatchNorm2d(out_ch)
-        self.sn1 = make_neuron(**neuron)
+        self.sn1 = make_neuron(neuron)
         self.conv2 = layer.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         self.bn2 = layer.BatchNorm2d(out_ch)
-        self.sn2 = make_neuron(**neuron)
+        self.sn2 = make_neuron(neuron)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
             parts = conv_bn(in_ch, out_ch, 1, stride)
             if sew:  # SEW adds spikes to spikes: the shortcut ends in its own neuron
-                parts.append(("sn", make_neuron(**neuron)))
+                parts.append(("sn", make_neuron(neuron)))
             self.downsample = nn.Sequential(OrderedDict(parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +62,10 @@ class SpikingResNet(StagedSNN):
     """Stem (3x3 conv + BN + neuron), stages of basic blocks, global average pool, linear readout."""
 
     def __init__(self, in_channels: int, num_classes: int, stem: int, stages: Sequence[tuple[int, int, int]],
-                 neuron: dict | None = None, width: float = 1.0, sew: bool = False):
+                 neuron: NeuronCfg | dict | None = None, width: float = 1.0, sew: bool = False):
         super().__init__()
-        neuron = neuron or {}
         c = scaled(stem, width)
-        self.stem = nn.Sequential(OrderedDict([*conv_bn(in_channels, c, 3, 1), ("sn", make_neuron(**neuron))]))
+        self.stem = nn.Sequential(OrderedDict([*conv_bn(in_channels, c, 3, 1), ("sn", make_neuron(neuron))]))
         for i, (channels, blocks, stride) in enumerate(stages, start=1):
             out = scaled(channels, width)
             stage = []
@@ -93,43 +92,49 @@ LAYOUTS: dict[str, tuple[int, list[tuple[int, int, int]]]] = {
 }
 
 
-def _resnet(layout: str, sew: bool, in_channels: int, num_classes: int, neuron: dict | None,
+def _resnet(layout: str, sew: bool, in_channels: int, num_classes: int, neuron: NeuronCfg | dict | None,
             width: float) -> SpikingResNet:
     stem, stages = LAYOUTS[layout]
     return SpikingResNet(in_channels, num_classes, stem, stages, neuron, width, sew)
 
 
 @register_model("resnet18")
-def resnet18(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingResNet:
+def resnet18(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(),
+             width: Width = 1.0) -> SpikingResNet:
     """CIFAR ResNet-18: 3x3 stem 64, stages 64-128-256-512 x 2 blocks, strides 1/2/2/2."""
     return _resnet("resnet18", False, in_channels, num_classes, neuron, width)
 
 
 @register_model("resnet19")
-def resnet19(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingResNet:
+def resnet19(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(),
+             width: Width = 1.0) -> SpikingResNet:
     """ResNet-19 (Zheng et al. 2021): stem 128, stages 128-256-512 x 3/3/2 blocks, strides 1/2/2."""
     return _resnet("resnet19", False, in_channels, num_classes, neuron, width)
 
 
 @register_model("resnet20")
-def resnet20(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingResNet:
+def resnet20(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(),
+             width: Width = 1.0) -> SpikingResNet:
     """CIFAR ResNet-20: stem 16, stages 16-32-64 x 3 blocks, strides 1/2/2."""
     return _resnet("resnet20", False, in_channels, num_classes, neuron, width)
 
 
 @register_model("sew_resnet18")
-def sew_resnet18(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingResNet:
+def sew_resnet18(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(),
+                 width: Width = 1.0) -> SpikingResNet:
     """SEW-ResNet (ADD) with the ResNet-18 layout."""
     return _resnet("resnet18", True, in_channels, num_classes, neuron, width)
 
 
 @register_model("sew_resnet19")
-def sew_resnet19(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingResNet:
+def sew_resnet19(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(),
+                 width: Width = 1.0) -> SpikingResNet:
     """SEW-ResNet (ADD) with the ResNet-19 layout."""
     return _resnet("resnet19", True, in_channels, num_classes, neuron, width)
 
 
 @register_model("sew_resnet20")
-def sew_resnet20(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0) -> SpikingResNet:
+def sew_resnet20(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(),
+                 width: Width = 1.0) -> SpikingResNet:
     """SEW-ResNet (ADD) with the ResNet-20 layout."""
     return _resnet("resnet20", True, in_channels, num_classes, neuron, width)

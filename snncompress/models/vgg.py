@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch.nn as nn
+from pydantic import AfterValidator, PlainValidator
 from spikingjelly.activation_based import functional, layer
 
+from ..config import PositiveInt
 from ..registry import register_model
-from .modules import StagedSNN
-from .neuron import make_neuron
+from .modules import StagedSNN, Width
+from .neuron import NeuronCfg, make_neuron
 
 POOLS = ("max", "avg")  # "avg": what NIR and neuromorphic chips accept (they have no max pooling)
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _layer(v: Any) -> int | str:
+    if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    raise ValueError("must be a positive int (conv width) or 'M' (2x2 pool, see model.pool)")
+
+
+def _has_a_conv(layers: list) -> list:
+    if not any(isinstance(v, int) for v in layers):
+        raise ValueError("needs at least one conv width (an int)")
+    return layers
+
+
+Layers = Annotated[list[Annotated[int | str, PlainValidator(_layer)]], AfterValidator(_has_a_conv)]
+Pool = Literal["max", "avg"]
 
 
 def scaled(channels: int, width: float) -> int:
@@ -21,19 +39,19 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def conv_block(in_ch: int, out_ch: int, neuron_kwargs: dict) -> nn.Sequential:
+def conv_block(in_ch: int, out_ch: int, neuron: NeuronCfg | dict | None) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
         conv=layer.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
         bn=layer.BatchNorm2d(out_ch),
-        spike=make_neuron(**neuron_kwargs),
+        spike=make_neuron(neuron),
     ))
 
 
 class SpikingVGG(StagedSNN):
     """Input ``[T, B, C, H, W]``; output logits ``[B, classes]`` (the readout averaged over T)."""
 
-    def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str], neuron: dict | None = None,
-                 width: float = 1.0, readout_pool: int = 1, pool: str = "max"):
+    def __init__(self, in_channels: int, num_classes: int, layers: Sequence[int | str],
+                 neuron: NeuronCfg | dict | None = None, width: float = 1.0, readout_pool: int = 1, pool: str = "max"):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
@@ -44,7 +62,7 @@ class SpikingVGG(StagedSNN):
                 blocks[f"pool{n_pool}"] = layer.MaxPool2d(2, 2) if pool == "max" else layer.AvgPool2d(2, 2)
             else:
                 n_conv += 1
-                blocks[f"conv{n_conv}"] = conv_block(c, scaled(int(v), width), neuron or {})
+                blocks[f"conv{n_conv}"] = conv_block(c, scaled(int(v), width), neuron)
                 c = scaled(int(v), width)
         self.features = nn.Sequential(blocks)
         # adaptive average pooling keeps the readout independent of the input size; a p x p grid
@@ -60,15 +78,17 @@ class SpikingVGG(StagedSNN):
 
 
 @register_model("vgg")
-def vgg(in_channels: int, num_classes: int, layers: Sequence[int | str] = (64, 128, "M", 256, "M", 256),
-        neuron: dict | None = None, width: float = 1.0, readout_pool: int = 1, pool: str = "max") -> SpikingVGG:
-    """Spiking VGG with configurable widths (``"M"`` = 2x2 pool, ``pool``: max or avg), each scaled by
-    ``width``; the readout averages the last feature map to ``readout_pool`` x ``readout_pool``."""
+def vgg(in_channels: int, num_classes: int, layers: Layers = (64, 128, "M", 256, "M", 256),
+        neuron: NeuronCfg = NeuronCfg(), width: Width = 1.0, readout_pool: PositiveInt = 1,
+        pool: Pool = "max") -> SpikingVGG:
+    """Spiking VGG with configurable widths (``"M"`` = 2x2 pool, ``pool``: max or avg, "avg" for NIR: chips have
+    no max pooling), each scaled by ``width``; the readout averages the last feature map to ``readout_pool`` x
+    ``readout_pool`` (1: global pooling; MNIST-sized inputs need 3)."""
     return SpikingVGG(in_channels, num_classes, layers, neuron, width, readout_pool, pool)
 
 
 @register_model("vgg16")
-def vgg16(in_channels: int, num_classes: int, neuron: dict | None = None, width: float = 1.0,
-          pool: str = "max") -> SpikingVGG:
+def vgg16(in_channels: int, num_classes: int, neuron: NeuronCfg = NeuronCfg(), width: Width = 1.0,
+          pool: Pool = "max") -> SpikingVGG:
     """VGG-16's 13 convs (five 2x2 pools, max or avg: inputs need H, W >= 32)."""
     return SpikingVGG(in_channels, num_classes, VGG16, neuron, width, pool=pool)

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from pydantic import BaseModel
 
+from ..errors import ModelError
 from ..registry import register_method
 from .gates import ChannelGroup
 from .scorer import Scorer, member_modules
@@ -66,7 +67,7 @@ class BNScorer(Scorer):
         self._bns = {g.name: member_modules(model, g.bns) for g in groups}
         bad = [n for n, bns in self._bns.items() if not bns or any(getattr(b, "weight", None) is None for b in bns)]
         if bad:
-            raise ValueError(f"{type(self).__name__} needs an affine BatchNorm on every group; missing for {bad}")
+            raise ModelError(f"{type(self).__name__} needs an affine BatchNorm on every group; missing for {bad}")
 
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from spikingjelly.activation_based import neuron, surrogate
 
 from pydantic import BaseModel
 
+from ..errors import ModelError
 from ..registry import register_method
 from .baselines import BNScorer
 from .gates import ChannelGroup, neuron_of
@@ -48,7 +49,7 @@ def surrogate_kind(node: neuron.BaseNode) -> str:
         return "atan"
     if type(sg) is surrogate.Sigmoid:
         return "sigmoid"
-    raise ValueError(f"criticality: unsupported surrogate {type(sg).__name__}; supported: ATan, Sigmoid")
+    raise ModelError(f"criticality: unsupported surrogate {type(sg).__name__}; supported: ATan, Sigmoid")
 
 
 def membrane_before_fire(node: neuron.BaseNode, x_seq: torch.Tensor, v_seq: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def membrane_before_fire(node: neuron.BaseNode, x_seq: torch.Tensor, v_seq: torc
         return v_prev - (v_prev - v_rest) / node.tau + x_seq
     if type(node) is neuron.IFNode:
         return v_prev + x_seq
-    raise ValueError(f"criticality: unsupported neuron {type(node).__name__}; supported: LIFNode, IFNode")
+    raise ModelError(f"criticality: unsupported neuron {type(node).__name__}; supported: LIFNode, IFNode")
 
 
 def _twin(node: neuron.BaseNode) -> neuron.BaseNode:
@@ -79,7 +80,7 @@ def _twin(node: neuron.BaseNode) -> neuron.BaseNode:
         return neuron.LIFNode(tau=node.tau, decay_input=node.decay_input, **common)
     if type(node) is neuron.IFNode:
         return neuron.IFNode(**common)
-    raise ValueError(f"criticality: unsupported neuron {type(node).__name__}; supported: LIFNode, IFNode")
+    raise ModelError(f"criticality: unsupported neuron {type(node).__name__}; supported: LIFNode, IFNode")
 
 
 @register_method("criticality")

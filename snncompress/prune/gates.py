@@ -21,6 +21,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.neuron import BaseNode
 
+from ..errors import MaskError, ModelError
 from ..models.modules import step_mode
 
 # neurons whose zero-input behaviour is known: with v_reset < v_threshold and v_threshold > 0 they
@@ -68,16 +69,16 @@ def check_supported(model: nn.Module) -> None:
     """Refuse, naming the module, what channel pruning cannot handle exactly."""
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
-            raise ValueError(f"{name} ({type(m).__name__}): only Conv2d layers are supported")
+            raise ModelError(f"{name} ({type(m).__name__}): only Conv2d layers are supported")
         if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"{name} (Conv2d, groups={m.groups}): grouped/depthwise convolution is not supported")
+            raise ModelError(f"{name} (Conv2d, groups={m.groups}): grouped/depthwise convolution is not supported")
         if isinstance(m, BaseNode):
             if not isinstance(m, SUPPORTED_NEURONS):
-                raise ValueError(f"{name} ({type(m).__name__}): neuron type with unknown zero-input behaviour; "
+                raise ModelError(f"{name} ({type(m).__name__}): neuron type with unknown zero-input behaviour; "
                                  f"supported: {', '.join(c.__name__ for c in SUPPORTED_NEURONS)}")
             v_reset = m.v_reset if m.v_reset is not None else 0.0
             if not (m.v_threshold > 0 and v_reset < m.v_threshold):
-                raise ValueError(f"{name} ({type(m).__name__}): needs v_threshold > 0 and v_reset < v_threshold "
+                raise ModelError(f"{name} ({type(m).__name__}): needs v_threshold > 0 and v_reset < v_threshold "
                                  f"so that a zero input never fires (got {m.v_threshold}, {m.v_reset})")
 
 
@@ -152,8 +153,8 @@ def set_masks(model: nn.Module, groups: list[ChannelGroup], masks: dict[str, tor
     for g in groups:
         mask = masks[g.name]
         if mask.shape != (g.size,):
-            raise ValueError(f"mask for {g.name}: expected {g.size} channels, got {tuple(mask.shape)}")
+            raise MaskError(f"mask for {g.name}: expected {g.size} channels, got {tuple(mask.shape)}")
         if not mask.any():
-            raise ValueError(f"mask for {g.name}: keeps no channel (at least one is required)")
+            raise MaskError(f"mask for {g.name}: keeps no channel (at least one is required)")
         for gate_name in g.gates:
             gates[gate_name].set_mask(mask)

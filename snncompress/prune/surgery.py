@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
+from ..errors import MaskError
 from .gates import strip_gates
 from .groups import dependency_graph, groups_of_graph
 
@@ -25,15 +26,15 @@ def slim(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torch.T
     groups = {g.name: g for g in groups_of_graph(out, dg)}
     unknown = set(keep) - set(groups)
     if unknown:
-        raise KeyError(f"unknown channel group(s) {sorted(unknown)}; groups: {', '.join(groups)}")
+        raise MaskError(f"unknown channel group(s) {sorted(unknown)}; groups: {', '.join(groups)}")
     modules = dict(out.named_modules())
     for name, mask in keep.items():
         g = groups[name]
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.shape != (g.size,):
-            raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, the group has {g.size} channels")
+            raise MaskError(f"{name}: mask has shape {tuple(mask.shape)}, the group has {g.size} channels")
         if not mask.any():
-            raise ValueError(f"{name}: mask keeps no channel (at least one is required)")
+            raise MaskError(f"{name}: mask keeps no channel (at least one is required)")
         removed = (~mask).nonzero().flatten().tolist()
         if removed:
             dg.get_pruning_group(modules[g.convs[0]], tp.prune_conv_out_channels, idxs=removed).prune()

@@ -21,7 +21,7 @@ import torch.nn as nn
 from pydantic import BaseModel
 
 from ..config import PruneCfg
-from ..errors import SnnCompressError
+from ..errors import MaskError, SnnCompressError
 from ..registry import register_method
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
@@ -213,7 +213,7 @@ class WeightPruner:
         self._load_window_state(state)
         self.history = [dict(h) for h in history]
         if any(not torch.equal(self.masks[g], torch.as_tensor(m, dtype=torch.bool)) for g, m in masks.items()):
-            raise ValueError("channel masks do not follow the weight masks")
+            raise MaskError("channel masks do not follow the weight masks")
 
     def remove(self) -> None:
         self.weights.remove()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import MaskError
 from .gates import ChannelGroup
 
 
@@ -69,7 +70,7 @@ class WeightMasks:
         """Replace the masks (same shapes) and zero the newly pruned weights."""
         for n, m in masks.items():
             if m.shape != self.masks[n].shape:
-                raise ValueError(f"weight mask for {n}: expected shape {tuple(self.masks[n].shape)}, got {tuple(m.shape)}")
+                raise MaskError(f"weight mask for {n}: expected shape {tuple(self.masks[n].shape)}, got {tuple(m.shape)}")
             self.masks[n] = m.to(device=self.layers[n].weight.device, dtype=torch.bool).clone()
         self.apply()
 

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, load_checkpoint, remove_temporaries, save_torch, write_text
-from ..checkpoint import build_model, load_weights, model_spec
+from ..checkpoint import build_model, check_model_options, load_weights, model_spec, recipe_of
 from ..config import Recipe, TrainCfg
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.datasets import Pairs
 from ..data.augment import random_crop_flip
-from ..errors import SnnCompressError
+from ..errors import MaskError, SnnCompressError, first_line
 from ..evaluation import evaluate
 from ..layout import BEST, CKPT, METRICS
 from ..prune.gates import get_masks
@@ -161,6 +161,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
 def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) -> TrainResult:
     multi, rank, main = distributed.is_distributed(), distributed.rank(), distributed.is_main()
     out_dir = Path(out_dir)
+    check_model_options(recipe)
     seed_everything(recipe.seed)
     data: Dataset = load_dataset(recipe.data, recipe.seed)
     spec, model, example, weights = starting_model(recipe, data)
@@ -309,26 +310,54 @@ def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics
     ckpt = load_checkpoint(path)
     if ckpt["format"] != CKPT_FORMAT or "train_state" not in ckpt:
         raise SnnCompressError(f"{path}: cannot resume from it (a {ckpt['format']} checkpoint without training state)")
-    diff = _recipe_diff(ckpt["recipe"], recipe.model_dump(mode="json"))
+    # compared as this version reads both (an older checkpoint states its recipe in older spellings)
+    diff = _recipe_diff(recipe_of(ckpt).model_dump(mode="json"), recipe.model_dump(mode="json"))
     if diff:
         raise SnnCompressError(f"{path}: was trained with a different recipe ({', '.join(diff)} differ); "
                                "resume with the same recipe or use another --out")
-    state = ckpt["train_state"]
-    try:
+    state, epoch = ckpt["train_state"], ckpt.get("epoch")
+    problem = _train_state_problem(state, pruner is not None)
+    if problem or not isinstance(epoch, int) or not 0 <= epoch < recipe.train.epochs:
+        raise SnnCompressError(f"{path}: cannot resume from it ("
+                               + (problem or f"epoch must be an int in [0, {recipe.train.epochs}), got {epoch!r:.40}")
+                               + ")")
+    try:  # load_state_dict reports missing, unexpected or resized tensors, and parameter groups that differ
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"]["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if pruner:
+    except (RuntimeError, ValueError) as e:
+        raise SnnCompressError(f"{path}: its weights or optimizer state do not match this model ({first_line(e)})") from e
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["rng"]["loader"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if pruner:
+        try:
             pruner.load_state_dict(state["pruner"], ckpt["masks"], ckpt["history"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise SnnCompressError(f"{path}: training state does not match this model ({type(e).__name__})") from e
-    epoch = int(ckpt["epoch"])
+        except MaskError as e:
+            raise SnnCompressError(f"{path}: its masks do not match this model ({e})") from e
     metrics = []
     if metrics_path.exists():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:epoch + 1]
     return epoch + 1, float(state["best_acc"]), metrics
+
+
+def _train_state_problem(state: object, pruned: bool) -> str | None:
+    """What is wrong with a checkpoint's training state, by its structure (None if nothing)."""
+    if not isinstance(state, dict):
+        return "train_state must be a mapping"
+    rng = state.get("rng")
+    if not (isinstance(rng, dict) and all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8
+                                          for k in ("torch", "loader"))):
+        return "train_state.rng must hold the torch and loader generator states (uint8 tensors)"
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+        return "train_state.optimizer must be an optimizer state dict (state, param_groups)"
+    if not isinstance(state.get("scheduler"), dict):
+        return "train_state.scheduler must be a mapping"
+    if isinstance(state.get("best_acc"), bool) or not isinstance(state.get("best_acc"), (int, float)):
+        return "train_state.best_acc must be a number"
+    if pruned and not isinstance(state.get("pruner"), dict):
+        return "train_state.pruner must be the pruning method's state (a mapping)"
+    return None
 
 
 def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
