@@ -218,7 +218,12 @@ def validate_options(schema: Any, data: Any, where: str) -> BaseModel:
 
 
 def _builtin_options(method: str) -> type[BaseModel] | None:
-    """The options model a registered method's declaration names (torch-free), or None (no options)."""
+    """A registered method's options model, or None (no options): the class's own where it is imported already
+    (e.g. registered by the user's code), else the torch-free model its declaration names."""
+    cls = METHODS.loaded(method)
+    if cls is not None:
+        options = getattr(cls, "Options", None)
+        return options if getattr(options, "model_fields", None) else None
     code = METHODS.meta(method).get("options")
     if code is None:
         return None

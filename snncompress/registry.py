@@ -105,6 +105,11 @@ class Registry:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._objects[name]
 
+    def loaded(self, name: str) -> Any:
+        """The object registered under ``name`` if its module is imported already (None otherwise: nothing is
+        imported here)."""
+        return self._objects.get(name)
+
     def __contains__(self, name: str) -> bool:
         return name in self._lazy or name in self._objects
 

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -79,31 +80,17 @@ def run_dir(tmp_path_factory) -> Path:
     return d / "out"
 
 
-# The integration tests that take longest; `pytest -m "not slow"` leaves them out (a quick lane),
-# `make test` and CI run everything.
-SLOW = {
-    "test_slim_export_bench_commands", "test_killed_at_random_points_resumes_to_identical_weights_and_masks",
-    "test_run_killed_mid_training_resumes_under_torchrun", "test_compare_command_writes_table_json_and_plot_and_resumes",
-    "test_slim_and_onnx_equal_the_masked_residual_net", "test_pq_killed_and_resumed_matches_uninterrupted",
-    "test_untrusted_factory_checkpoint_never_imports_its_module", "test_dense_training_and_export",
-    "test_factory_checkpoint_needs_trust_in_every_command", "test_factory_model_runs_through_every_stage",
-    "test_two_processes_pick_identical_masks_at_every_update", "test_pipeline_runs_on_real_formats",
-    "test_resume_refuses_a_different_recipe", "test_resume_of_finished_training_changes_nothing",
-    "test_unstructured_methods_agree_on_weight_masks_across_processes", "test_two_processes_reach_single_process_accuracy",
-    "test_run_resume_skips_finished_stages_and_redoes_unfinished", "test_slim_checkpoints_load_without_torch_pruning",
-    "test_step_unrolled_graph_has_no_per_layer_split_and_the_same_logits",
-    "test_tutorial_style_multi_step_only_model_runs_through_every_stage",
-    "test_run_from_trained_weights_through_slim_export_and_bench",
-    "test_training_on_frames_is_the_same_with_dataloader_workers",
-    "test_resume_mid_ramp_with_a_sop_budget_is_bitwise_identical", "test_cost_budgets_agree_across_processes",
-}
+@pytest.fixture(scope="session")
+def measurement(tmp_path_factory):
+    """``measurement(name, make)``: a cost unit's measurement before training (the latency unit times layers and
+    networks for about 15 s), made once per session and unit across the xdist workers: ``make()``'s JSON."""
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") \
+        else tmp_path_factory.getbasetemp()
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long integration test (deselect with -m 'not slow')")
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.originalname in SLOW or item.name in SLOW:
-            item.add_marker(pytest.mark.slow)
+    def get(name: str, make) -> dict:
+        path = shared / f"measurement-{name}.json"
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                path.write_text(json.dumps(make()))
+        return json.loads(path.read_text())
+    return get

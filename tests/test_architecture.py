@@ -161,6 +161,7 @@ assert "torch_pruning" not in [m for m in sys.modules if sys.modules[m] is not N
 """
 
 
+@pytest.mark.slow
 def test_slim_checkpoints_load_without_torch_pruning(run_dir, tmp_path):
     resnet = {**TINY, "model": {"name": "resnet20", "width": 0.25}, "train": {"epochs": 2},
               "prune": {**TINY["prune"], "warmup_epochs": 0, "ramp_epochs": 1}}
@@ -189,13 +190,18 @@ def test_library_calls_leave_global_state_as_they_found_it(run_dir, tmp_path):
     assert matplotlib.get_backend() == backend
     assert logging.getLogger().level == root_level and logging.getLogger("torch.onnx").level == onnx_level
     assert torch.are_deterministic_algorithms_enabled() == deterministic and torch.get_num_threads() == threads
-    assert sc.BenchSettings().threads == len(os.sched_getaffinity(0))
 
 
-def test_train_restores_the_deterministic_algorithms_flag(tmp_path):
+def test_train_restores_the_deterministic_algorithms_flag_and_trusts_the_recipes_code_only_while_it_runs(tmp_path):
     before = torch.are_deterministic_algorithms_enabled()
-    sc.train(sc.parse_recipe({**TINY, "train": {"epochs": 1}, "prune": None}), tmp_path, progress=False)
+    method = "tests.custom_methods:FirstChannels"
+    recipe = {**TINY, "train": {"epochs": 2}, "prune": {**TINY["prune"], "method": method, "warmup_epochs": 0,
+                                                        "ramp_epochs": 1, "finetune_epochs": 0}}
+    sc.train(sc.parse_recipe(recipe), tmp_path, progress=False)  # imports and runs the recipe's own method
     assert torch.are_deterministic_algorithms_enabled() == before
+    assert not registry.is_trusted(method)  # the trust ended with the call: a checkpoint cannot reuse it
+    with pytest.raises(registry.UntrustedCodeError, match="is not trusted"):
+        registry.import_code(method, "prune.method")
 
 
 def test_an_alias_bomb_or_a_huge_file_is_refused_as_a_recipe(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from spikingjelly.activation_based import functional
 
 import snncompress
-from snncompress.config import DeployCfg, parse_recipe
+from snncompress.config import parse_recipe
 from snncompress.data import encode, load_dataset
 from snncompress.metrics import count_macs, spike_stats
 from snncompress.prune.blocks import channel_block, resolve_round_to
@@ -15,7 +15,7 @@ from snncompress.prune.costs import Layer, model_layers
 from snncompress.prune.costs.macs import MacCost
 from snncompress.prune.costs.sops import SopCost, SopMeter
 from snncompress.runtime.latency import (CALIBRATION, LatencyCost, LatencyFit, LatencyTable, fit_weights,
-                                         measure_latency, table_grid)
+                                         table_grid)
 from snncompress.prune.gates import ChannelGroup, set_masks
 from snncompress.prune.groups import channel_groups
 from snncompress.prune.select import select_masks
@@ -135,12 +135,11 @@ def _tiny_model(model: dict, encoding: str = "direct"):
     return net, example, channel_groups(net, example), data
 
 
-def test_the_latency_fit_times_the_dense_network_and_slim_versions_of_it_on_the_runtime():
-    net, example, groups, data = _tiny_model({"name": "vgg", "layers": [16, 32, "M", 32]})
-    unit = LatencyCost(model_layers(net, example, groups), groups, 2)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    fit = measure_latency(unit, net, data.x_train[:4], 2, "direct", DeployCfg(batch_size=4))
-    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # timed on copies
+def test_the_latency_fit_times_the_dense_network_and_slim_versions_of_it_on_the_runtime(measurement):
+    from .test_plugins import tiny_unit
+
+    unit, groups, _ = tiny_unit("latency", measurement)  # timed on copies of the model (tiny_unit checks)
+    fit = unit.fit
     assert set(fit.tables) == {lay.name for lay in unit.layers} and fit.dense_ms > 0
     block = channel_block()
     sizes = {g.name: g.size for g in groups}
@@ -150,7 +149,6 @@ def test_the_latency_fit_times_the_dense_network_and_slim_versions_of_it_on_the_
         assert c["ms"] > 0 and all(n == sizes[g] or n % block == 0 for g, n in c["kept"].items()), c
     assert len({tuple(c["kept"].values()) for c in fit.calibration}) > 2  # networks of different widths
     assert fit.scale + fit.elem > 0
-    unit.load_measurement(fit.to_dict())
     assert not unit.needs_measurement and unit.dense == fit.dense_ms
     assert Budget(unit, groups).cost({g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}) > 0
 
@@ -261,6 +259,7 @@ def test_train_says_what_the_masks_cost_and_when_the_budget_is_below_the_smalles
 
 
 @pytest.mark.parametrize("killed_in", [3, 5])  # mid-ramp; in the fine-tune, with the SOPs held
+@pytest.mark.slow
 def test_resume_with_a_sop_budget_is_bitwise_identical(killed_in, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {**BUDGET, "train": {**BUDGET["train"], "epochs": 7},
                                                 "prune": {**BUDGET["prune"], "budget_unit": "sops", "ramp_epochs": 3,

@@ -68,6 +68,7 @@ def test_pareto_front_hand():
     assert pareto_front(pts) == [4, 0, 2]
 
 
+@pytest.mark.slow
 def test_compare_command_writes_table_json_and_plot_and_resumes(tmp_path):
     recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "cmp"

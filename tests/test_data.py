@@ -124,6 +124,7 @@ def test_frames_are_read_from_their_files_when_used(tmp_path):
         d.x_test[8:10]
 
 
+@pytest.mark.slow
 def test_training_on_frames_is_the_same_with_dataloader_workers(tmp_path):
     root = write_frames(tmp_path / "data", split=True)
     data = {"name": "frames", "root": str(root), "T": 2, "encoding": "frames", "batch_size": 8}
@@ -165,6 +166,7 @@ def test_augmentation_crops_and_flips_deterministically():
 
 
 @pytest.mark.parametrize("fmt", ["cifar10-bin", "frames"])
+@pytest.mark.slow
 def test_pipeline_runs_on_real_formats(tmp_path, fmt):
     if fmt == "frames":
         root = write_frames(tmp_path / "data", split=True)

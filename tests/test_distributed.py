@@ -169,6 +169,7 @@ def two_process_run(tmp_path_factory) -> tuple[Path, str]:
                 j.kill()
 
 
+@pytest.mark.slow
 def test_two_processes_pick_identical_masks_at_every_update(two_process_run):
     out, output = two_process_run
     logs = _mask_logs(output)
@@ -185,6 +186,7 @@ def test_two_processes_pick_identical_masks_at_every_update(two_process_run):
     assert output.count("test accuracy") == 1  # the summary comes from rank 0 alone
 
 
+@pytest.mark.slow
 def test_two_processes_reach_single_process_accuracy(two_process_run, tmp_path, jobs):
     out, _ = two_process_run
     t0 = time.monotonic()
@@ -202,6 +204,7 @@ def test_two_processes_reach_single_process_accuracy(two_process_run, tmp_path, 
     assert double[0]["samples_per_s"] * double[0]["seconds"] == pytest.approx(1438)  # 1437, padded to 2 x 719
 
 
+@pytest.mark.slow
 def test_run_killed_mid_training_resumes_under_torchrun(two_process_run, tmp_path, jobs):
     reference, _ = two_process_run
     recipe = write_recipe(tmp_path / "ddp.yaml", DDP)
@@ -318,6 +321,7 @@ def test_a_failing_rank_stops_the_job_without_a_hang(tmp_path, jobs):
 
 
 @pytest.mark.parametrize("method", ["criticality_unstructured", "pq"])
+@pytest.mark.slow
 def test_unstructured_methods_agree_on_weight_masks_across_processes(method, tmp_path, jobs):
     # criticality is gathered per process from its own shard: without the all-reduce the ranks
     # would rank different weights and the mask check would stop the job
@@ -332,6 +336,7 @@ def test_unstructured_methods_agree_on_weight_masks_across_processes(method, tmp
 
 
 @pytest.mark.parametrize("unit", ["sops", "latency"])
+@pytest.mark.slow
 def test_cost_budgets_agree_across_processes(unit, tmp_path, jobs):
     # SOPs are measured per process on its shard and summed; the latency table is measured by rank 0 alone
     # and sent: either way every rank must select the same masks under the same budget

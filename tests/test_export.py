@@ -68,6 +68,7 @@ def test_fold_batchnorm_finds_every_conv_bn_pair():
 
 
 @pytest.mark.parametrize("name,encoding", [("resnet20", "direct"), ("vgg", "poisson")])
+@pytest.mark.slow
 def test_step_unrolled_graph_has_no_per_layer_split_and_the_same_logits(name, encoding):
     torch.manual_seed(0)
     kw = {"width": 0.125} if name == "resnet20" else {"layers": [8, "M", 16]}

@@ -38,9 +38,25 @@ def _groups(model: torch.nn.Module, size: int = 16) -> dict[str, sc.ChannelGroup
 
 # ---------------------------------------------------------------- registry, widths, channel groups
 
-def test_registered_models():
-    assert {"vgg", "vgg16", "resnet18", "resnet19", "resnet20", "sew_resnet18", "sew_resnet19",
-            "sew_resnet20"} <= set(sc.list_models())
+@pytest.mark.parametrize("name", sc.list_models())
+def test_every_registered_model_builds_from_its_default_options_and_lists_its_stages(name):
+    model = sc.create_model(name, in_channels=3, num_classes=10, **{**model_options(name, {}), "width": 0.125}).eval()
+    x = torch.rand(2, 3, 3, 32, 32) * 4  # T 2, batch 3; vgg16's five pools need 32x32; strong enough to fire
+    with torch.no_grad():
+        logits = model(x)
+        functional.reset_net(model)
+        body = torch.nn.Sequential(*(m for _, m in model.stages()))  # the stages in order are the forward
+        functional.set_step_mode(body, "s")
+        by_stage = torch.stack([body(x_t) for x_t in x]).mean(0)
+    assert logits.shape == (3, 10) and torch.allclose(by_stage, logits, atol=1e-6)
+
+
+def test_plots_shorten_layer_names_by_their_shared_prefix_whatever_the_model_calls_it():
+    from snncompress.plots import short_names
+
+    assert short_names(["features.conv1.conv", "features.conv2.conv"]) == ["conv1.conv", "conv2.conv"]
+    assert short_names(["body.0", "body.3"]) == ["0", "3"]
+    assert short_names(["stem.conv", "layer1.0.conv1", "classifier"]) == ["stem.conv", "layer1.0.conv1", "classifier"]
 
 
 def test_width_scales_every_channel_count():
@@ -135,6 +151,7 @@ def _spike_counts(model: torch.nn.Module, x_seq: torch.Tensor) -> dict[str, floa
 
 
 @pytest.mark.parametrize("name", ["resnet19", "sew_resnet19"])
+@pytest.mark.slow
 def test_slim_and_onnx_equal_the_masked_residual_net(name):
     T = 4
     model = _gated(name)
@@ -269,6 +286,7 @@ def factory_run(tmp_path_factory):
     return d / "out"
 
 
+@pytest.mark.slow
 def test_factory_model_runs_through_every_stage(factory_run):
     for f in ["train/ckpt.pt", "slim.pt", "model.onnx", "dense.onnx", "bench.json"]:
         assert (factory_run / f).is_file(), f
@@ -278,6 +296,7 @@ def test_factory_model_runs_through_every_stage(factory_run):
     assert ck["verification"]["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_factory_checkpoint_needs_trust_in_every_command(factory_run, tmp_path):
     ckpt = factory_run / "train" / "ckpt.pt"
     refusals = [cli("slim", ckpt, "-o", tmp_path / "s.pt"), cli("export", factory_run / "slim.pt", "--onnx", "-o",
@@ -299,6 +318,7 @@ def test_factory_checkpoint_needs_trust_in_every_command(factory_run, tmp_path):
     assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 2
 
 
+@pytest.mark.slow
 def test_untrusted_factory_checkpoint_never_imports_its_module(factory_run, tmp_path, monkeypatch):
     sentinel = tmp_path / "imported"
     pkg = tmp_path / "pkg"

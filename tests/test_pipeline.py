@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import onnx
 import torch
 
@@ -62,6 +63,7 @@ def test_checkpoint_round_trip_weights_only(run_dir):
                                                             if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
+@pytest.mark.slow
 def test_slim_export_bench_commands(run_dir, tmp_path):
     res = cli("slim", run_dir / "train" / "ckpt.pt", "-o", tmp_path / "s.pt")
     assert res.returncode == 0, res.stderr
@@ -98,6 +100,7 @@ def test_exported_onnx_matches_pytorch_with_dynamic_batch(run_dir):
     onnx.checker.check_model(onnx.load(run_dir / "model.onnx"))
 
 
+@pytest.mark.slow
 def test_dense_training_and_export(tmp_path):
     recipe = write_recipe(tmp_path / "dense.yaml", {**TINY, "prune": None, "train": {"epochs": 2}})
     res = cli("train", recipe, "--out", tmp_path / "d")

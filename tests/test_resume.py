@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from snncompress import parse_recipe, train
@@ -33,6 +34,7 @@ def _same_checkpoints(a, b):
         assert all(torch.equal(ha["masks"][g], hb["masks"][g]) for g in ha["masks"])
 
 
+@pytest.mark.slow
 def test_killed_at_random_points_resumes_to_identical_weights_and_masks(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", RESUMABLE)
     ref = cli("train", recipe, "--out", tmp_path / "ref")
@@ -70,6 +72,7 @@ def test_killed_at_random_points_resumes_to_identical_weights_and_masks(tmp_path
     assert [m["train_loss"] for m in metrics] == [m["train_loss"] for m in ref_metrics]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_recipe(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "train": {"epochs": 2}, "prune": None})
     assert cli("train", recipe, "--out", tmp_path / "o").returncode == 0
@@ -79,6 +82,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     assert res.returncode == 1 and "train.optimizer.lr" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_resume_of_finished_training_changes_nothing(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "train": {"epochs": 2}, "prune": None})
     assert cli("train", recipe, "--out", tmp_path / "o").returncode == 0
@@ -87,6 +91,7 @@ def test_resume_of_finished_training_changes_nothing(tmp_path):
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_run_resume_skips_finished_stages_and_redoes_unfinished(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 
 import numpy as np
@@ -23,6 +24,7 @@ from snncompress.runtime.sessions import require_runtime, runtime_session, runti
 from snncompress.runtime.timing import time_call
 from snncompress.errors import EXIT_USAGE, SnnCompressError, UsageError
 from snncompress.evaluation import TOLERANCE, batch_logits, evaluate
+from snncompress.metrics import count_macs
 from snncompress.stages.bench import BenchSettings, budget_figures, timed_batches
 
 from .conftest import TINY, cli, write_recipe
@@ -113,13 +115,13 @@ def test_bench_on_openvino_through_the_cli_states_the_runtime_and_the_budget(run
         check = m["runtime_check"]
         assert check["runtime"] == "openvino" and check["enforced"] and check["agreement"] == 1
         assert check["max_abs_diff"] <= TOLERANCE and m["accuracy_onnx"] == m["accuracy"], name
-    dense, slim = report["models"]["dense"], report["models"]["slim"]
+
     budget = report["budget"]  # TINY: keep 0.5 of the channels, latency measured at deploy.batch_size 32
     assert budget["unit"] == "channels" and budget["target"] == 0.5 and budget["latency_batch"] == 32
-    assert budget["achieved"] == budget["ratios"]["channels"] == slim["kept_channels"]
-    assert budget["ratios"]["macs"] == slim["macs"] / dense["macs"] < 1
+    assert budget["achieved"] == budget["ratios"]["channels"] == 0.5  # 20 of TINY's 40 channels
+    macs = [count_macs(sc.load_model(copy / p), torch.zeros(2, 1, 1, 8, 8)) for p in ("slim.pt", "train/ckpt.pt")]
+    assert budget["ratios"]["macs"] == macs[0] / macs[1] < 1  # as torch counts the two models
     assert budget["ratios"]["sops"] is None  # a channel budget records no dense SOPs to compare with
-    assert budget["ratios"]["latency"] == slim["latency_ms"]["32"]["median"] / dense["latency_ms"]["32"]["median"]
     md = (copy / "report.md").read_text()
     assert f"Runtime: **openvino {version('openvino')}**" in md and "Accuracy (openvino)" in md
     assert "Pruning budget: keep 50.0% of the dense model's conv channels (`prune.budget_unit: channels`" in md
@@ -137,9 +139,8 @@ def test_a_latency_budget_is_timed_at_the_recipes_deploy_batch(run_dir, tmp_path
     s = report["settings"]
     assert s["runtime"] == "onnxruntime" and s["threads"] == 1 and s["batches"] == [1, 8, 32]
     assert set(report["speedup"]) == {"1", "8", "32"}
-    dense, slim, budget = report["models"]["dense"], report["models"]["slim"], report["budget"]
-    assert budget["unit"] == "latency" and budget["latency_batch"] == 8
-    assert budget["achieved"] == slim["latency_ms"]["8"]["median"] / dense["latency_ms"]["8"]["median"]
+    slim, budget = report["models"]["slim"], report["budget"]
+    assert budget["unit"] == "latency" and budget["latency_batch"] == 8 and "8" in slim["latency_ms"]
     md = (tmp_path / "report.md").read_text()
     assert "keep 50.0% of the dense model's latency (`prune.budget_unit: latency`" in md
     assert "in the other units: conv channels" in md and "(latency: the median at batch 8 on onnxruntime)" in md
@@ -166,8 +167,16 @@ def test_budget_figures_by_hand():
     assert budget_figures(unstructured, dense, slim) is None  # its budget is weights: connectivity says it
 
 
+AFFINITY = "import os, sys; os.sched_setaffinity(0, {0}); from snncompress.stages.bench import BenchSettings; " \
+           "print(os.cpu_count(), BenchSettings().threads)"
+
+
 def test_bench_settings_follow_the_recipes_deploy_section():
-    assert BenchSettings().runtime == "onnxruntime" and BenchSettings().threads == len(os.sched_getaffinity(0))
+    assert BenchSettings().runtime == "onnxruntime"
+    # threads: the cores this process may run on, not the machine's (a process pinned to one core)
+    cores, threads = subprocess.run([sys.executable, "-c", AFFINITY], capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert threads == "1" and (int(cores) > 1 or pytest.skip("a one-core machine cannot tell the two apart"))
     s = BenchSettings.from_deploy(DeployCfg(runtime="openvino", threads=1))
     assert (s.runtime, s.threads, s.repeats) == ("openvino", 1, 30)
     s = BenchSettings.from_deploy(DeployCfg(runtime="openvino"), runtime="onnxruntime", threads=None, repeats=20)
@@ -176,5 +185,5 @@ def test_bench_settings_follow_the_recipes_deploy_section():
 
 def test_time_call_reports_milliseconds():
     calls = []
-    t = time_call(lambda: calls.append(1), warmup=2, repeats=5)
-    assert len(calls) == 7 and 0 <= t["min"] <= t["median"] <= t["max"] < 1e3
+    t = time_call(lambda: (calls.append(1), time.sleep(0.002)), warmup=2, repeats=5)
+    assert len(calls) == 7 and 2 <= t["min"] and t["max"] < 1e3  # milliseconds: each call sleeps 2 ms

@@ -337,6 +337,7 @@ def test_slim_removes_empty_filters_and_verifies(trained_unstructured, tmp_path)
 
 # --- exact resume ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pq_killed_and_resumed_matches_uninterrupted(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {
         **TINY, "train": {"epochs": 6, "optimizer": {"name": "sgd", "lr": 0.1}},

@@ -111,6 +111,7 @@ def test_l1_on_gamma_shrinks_the_batchnorm_scales(tmp_path):
     assert gammas(0.05) < 0.9 * gammas(0.0)
 
 
+@pytest.mark.slow
 def test_run_from_trained_weights_through_slim_export_and_bench(trained, tmp_path):
     ckpt, _ = trained
     recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "model": {**TINY["model"], "weights": str(ckpt)},
@@ -125,6 +126,7 @@ def test_run_from_trained_weights_through_slim_export_and_bench(trained, tmp_pat
 
 
 @pytest.mark.parametrize("factory", ["csnn", "membrane_csnn"])
+@pytest.mark.slow
 def test_tutorial_style_multi_step_only_model_runs_through_every_stage(tmp_path, factory):
     # forward(x_seq) -> x_seq.mean(0): in single-step mode it averages over the batch, which only the trace sees
     recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "model": {"factory": f"tests.tutorial_models:{factory}"}})

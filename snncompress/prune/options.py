@@ -15,19 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import PQIndex
 
 
-class NoOptions(BaseModel):
-    """A method without options (``prune.options`` must stay empty)."""
+class MethodOptions(BaseModel):
+    """The base of a method's options (unknown keys refused); with no fields, a method without options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CriticalityOptions(NoOptions):
+class CriticalityOptions(MethodOptions):
     """``criticality`` (Chen et al.)."""
 
     l1_gamma: float = Field(1e-4, ge=0)  # weight of the L1 penalty on BN gamma in the loss
 
 
-class CriticalityWeightOptions(NoOptions):
+class CriticalityWeightOptions(MethodOptions):
     """``criticality_unstructured`` (Chen et al.)."""
 
     weight_regrow: float = Field(0.5, ge=0, lt=1)  # share r of the kept weights chosen by channel criticality

@@ -19,7 +19,7 @@ from ..errors import SnnCompressError
 from ..registry import METHODS
 from .costs.unit import CostUnit
 from .gates import ChannelGroup
-from .options import NoOptions
+from .options import MethodOptions
 from .scorer import Scorer
 from .structured import ChannelPruner
 
@@ -89,7 +89,7 @@ def build_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, ep
     (``prune.options``, checked by its ``Options`` model) and the cost ``unit`` of ``prune.budget_unit``
     (:func:`~snncompress.prune.costs.build_unit`; None for channels)."""
     cls = resolve_method(cfg.method, trust)
-    options = validate_options(getattr(cls, "Options", NoOptions), cfg.options, "prune.options")
+    options = validate_options(getattr(cls, "Options", MethodOptions), cfg.options, "prune.options")
     if isinstance(cls, type) and issubclass(cls, Scorer):
         if cfg.sparsity is not None:
             raise SnnCompressError(f"prune.sparsity: method {cfg.method} is structured (a Scorer): set keep, not "

@@ -18,7 +18,7 @@ import torch.nn as nn
 from pydantic import BaseModel
 
 from .gates import ChannelGroup
-from .options import NoOptions
+from .options import MethodOptions
 
 
 class Scorer:
@@ -32,7 +32,7 @@ class Scorer:
     ``Options`` (the recipe's ``prune.options``; None: its defaults).
     """
 
-    Options: type[BaseModel] = NoOptions
+    Options: type[BaseModel] = MethodOptions
     active = True
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):

@@ -25,7 +25,7 @@ from ..errors import MaskError, SnnCompressError
 from ..registry import register_method
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
-from .options import CriticalityWeightOptions, NoOptions, PQOptions
+from .options import CriticalityWeightOptions, MethodOptions, PQOptions
 from .pq import pq_index, pq_prune_ratio
 from .schedule import is_scoring_epoch, is_update_epoch, sparsity_at
 from .select import top_k
@@ -106,7 +106,7 @@ class WeightPruner:
     recipe's ``prune.options``; None: its defaults).
     """
 
-    Options: type[BaseModel] = NoOptions
+    Options: type[BaseModel] = MethodOptions
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
                  optimizer: torch.optim.Optimizer | None = None, options: BaseModel | None = None):

@@ -27,6 +27,12 @@ class Layer:
     conv: tuple = ()  # (kernel, stride, padding, dilation) of a conv
 
     @property
+    def taps(self) -> int:
+        """Weights joining one input channel to one output channel: kernel height x width for a conv, the features
+        of one input channel for a linear layer (after a flatten)."""
+        return self.conv[0][0] * self.conv[0][1] if self.conv else self.in_shape[0] // self.n_in
+
+    @property
     def out_hw(self) -> tuple[int, int]:
         """Height and width of a conv's output ((1, 1) for a linear layer)."""
         if not self.conv:
