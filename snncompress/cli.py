@@ -257,7 +257,7 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
     from importlib.metadata import version
 
     if path is None:
-        from .registry import METHODS, list_models
+        from .registry import BUDGET_UNITS, METHODS, list_models
 
         from importlib.metadata import PackageNotFoundError
 
@@ -270,6 +270,7 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
             + f"; {openvino}", highlight=False)
         console.print(f"models: {', '.join(list_models())}")
         console.print("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
+        console.print(f"budget units: {', '.join(BUDGET_UNITS.names())}")
         return
     if path.suffix == ".nir":
         from .export.nir import NIR_FORMAT, describe_nodes, read_nir

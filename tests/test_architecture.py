@@ -103,7 +103,7 @@ def test_info_lists_models_and_methods():
     assert res.returncode == 0, res.stderr
     for m in ("sca (structured)", "criticality (structured)", "pq (unstructured)", "random", "l1", "bn"):
         assert m in res.stdout
-    assert "resnet19" in res.stdout
+    assert "resnet19" in res.stdout and "budget units: channels, latency, macs, sops" in res.stdout
 
 
 def test_custom_method_from_a_module_trains_through_the_cli(tmp_path):
