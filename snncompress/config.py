@@ -7,81 +7,24 @@ imported. Model and method names are checked against the torch-free registries o
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import importlib
-
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .legacy import translate_model, translate_prune
 from .registry import BUDGET_UNITS, METHODS, MODELS, is_code_string
-
-
-def _fraction(v: float) -> float:
-    if not 0 < v <= 1:
-        raise ValueError("must be in (0, 1]")
-    return v
-
-
-def _fraction_open(v: float) -> float:
-    if not 0 <= v < 1:
-        raise ValueError("must be in [0, 1)")
-    return v
-
-
-def _positive(v: float) -> float:
-    if not v > 0:
-        raise ValueError("must be > 0")
-    return v
-
-
-def _above_one(v: float) -> float:
-    if not v > 1:
-        raise ValueError("must be > 1")
-    return v
-
-
-def _open_unit(v: float) -> float:
-    if not 0 < v < 1:
-        raise ValueError("must be in (0, 1)")
-    return v
-
-
-def _non_negative(v: float) -> float:
-    if not v >= 0:
-        raise ValueError("must be >= 0")
-    return v
+from .schema import (Fraction, FractionOpen, NonNegative, NonNegativeInt, OpenUnit, Positive, PositiveInt, Section,
+                     format_error, option_errors)
 
 
 def _round_to(v: Any) -> int | str:
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         return v
     raise ValueError("must be a positive int (channels per block) or 'auto' (the runtime's block on this CPU)")
-
-
-Fraction = Annotated[float, AfterValidator(_fraction)]
-FractionOpen = Annotated[float, AfterValidator(_fraction_open)]
-Positive = Annotated[float, AfterValidator(_positive)]
-PositiveInt = Annotated[int, AfterValidator(_positive)]
-NonNegative = Annotated[float, AfterValidator(_non_negative)]
-NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
-AboveOne = Annotated[float, AfterValidator(_above_one)]
-
-
-class Section(BaseModel):
-    """A recipe section: unknown keys refused, immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Recipes written by snncompress <= 0.1.0 (and the recipes stored in its checkpoints) state these model keys with
-# these values for every model; each equals the default of every builder that takes it, so it is dropped.
-LEGACY_MODEL = {"layers": None, "width": 1.0, "readout_pool": 1, "pool": "max",
-                "neuron": {"type": "lif", "tau": 2.0, "v_threshold": 1.0, "reset": "hard", "surrogate": "atan",
-                           "alpha": 2.0, "detach_reset": True}}
 
 
 class ModelCfg(BaseModel):
@@ -108,7 +51,7 @@ class ModelCfg(BaseModel):
     def _default_vgg(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = {k: v for k, v in data.items() if not (k in LEGACY_MODEL and v == LEGACY_MODEL[k])}
+        data = translate_model(data)
         if data.get("name") is None and data.get("factory") is None:
             data["name"] = "vgg"
         return data
@@ -143,7 +86,7 @@ class DataCfg(Section):
     # direct: the normalised image at every step; poisson: rate-coded spikes of the [0, 1] image;
     # frames: the data already has a time axis (event frames)
     encoding: Literal["direct", "poisson", "frames"] = "direct"
-    test_fraction: Annotated[float, AfterValidator(_open_unit)] = 0.2  # when the data has no test split
+    test_fraction: OpenUnit = 0.2  # when the data has no test split
     batch_size: PositiveInt = 64
     augment: bool | None = None  # random crop (padding 4) + horizontal flip; default on for CIFAR
     workers: NonNegativeInt = 0  # DataLoader worker processes
@@ -194,29 +137,6 @@ def method_ramps(method: str) -> bool:
     return METHODS.meta(method).get("ramp", True) if method in METHODS else True
 
 
-def option_errors(schema: Any, data: Any) -> tuple[BaseModel | None, list[str]]:
-    """``data`` validated by a method's own options model ``schema``: (the options, []) or (None, the errors as
-    suffixes of the field's path: ``.option: what is wrong`` or ``: what is wrong``)."""
-    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-        return None, [f": the method's Options is not a pydantic model (got {type(schema).__name__})"]
-    if not isinstance(data, dict):
-        return None, [f": must be a mapping of the method's options, got {type(data).__name__}"]
-    try:
-        return schema.model_validate(data), []
-    except ValidationError as e:
-        lines = [_format_error(err, schema) for err in e.errors(include_url=False)]
-        return None, [line.removeprefix("recipe") if line.startswith("recipe: ") else "." + line for line in lines]
-
-
-def validate_options(schema: Any, data: Any, where: str) -> BaseModel:
-    """``data`` validated by a method's own options model ``schema``, or a :class:`RecipeError` naming ``where``
-    (the recipe field, e.g. ``prune.options``) and each bad option."""
-    options, errors = option_errors(schema, data)
-    if errors:
-        raise RecipeError("; ".join(where + line for line in errors))
-    return options
-
-
 def _builtin_options(method: str) -> type[BaseModel] | None:
     """A registered method's options model, or None (no options): the class's own where it is imported already
     (e.g. registered by the user's code), else the torch-free model its declaration names."""
@@ -246,43 +166,6 @@ class PQIndex(Section):
         if self.p >= self.q:
             raise ValueError(f"q: must be > p ({self.p}), got {self.q}")
         return self
-
-
-# The one translation of older recipes (and of the recipes stored in older checkpoints): the flat method
-# fields of snncompress <= 0.1.0 and where they live now. A value equal to the old default is dropped (old
-# dumps state every field); another value moves, or is refused with its new spelling.
-LEGACY_PRUNE = {  # old key: (old default, methods whose options hold it now (None: any), new key)
-    "l1_gamma": (1e-4, ("criticality",), "l1_gamma"),
-    "weight_regrow": (0.5, ("criticality_unstructured",), "weight_regrow"),
-    "scope": ("layer", ("pq",), "scope"),
-    "er_init": (True, ("pq",), "er_init"),
-    **{f"pq_{k}": (d, ("pq",), k) for k, d in (("p", 0.5), ("q", 1.0), ("eta", 0.0), ("gamma", 1.0), ("beta", 0.9))},
-}
-
-
-def _translate_legacy(data: dict) -> dict:
-    data = dict(data)
-    method = data.get("method", "sca")
-    options, pq = dict(data.get("options") or {}), dict(data.get("pq") or {})
-    for old, (default, owners, new) in LEGACY_PRUNE.items():
-        if old not in data:
-            continue
-        value = data.pop(old)
-        if value == default:
-            continue
-        if method in owners:
-            options.setdefault(new, value)
-        elif old.startswith("pq_") and data.get("budget") == "pq":
-            pq.setdefault(new, value)
-        else:
-            where = f"prune.options.{new} (method {' / '.join(owners)})" + \
-                (f" or prune.pq.{new} (budget: pq)" if old.startswith("pq_") else "")
-            raise ValueError(f"{old}: now spelled {where}; not an option of method {method}")
-    if options:
-        data["options"] = options
-    if pq:
-        data["pq"] = pq
-    return data
 
 
 class PruneCfg(Section):
@@ -334,7 +217,7 @@ class PruneCfg(Section):
         with its defaults (a user's method: when it is imported, see ``build_pruner``)."""
         if not isinstance(data, dict):
             return data
-        data = _translate_legacy(data)
+        data = translate_prune(data)
         method = data.get("method", "sca")
         if isinstance(method, str) and method in METHODS:
             schema = _builtin_options(method)
@@ -448,53 +331,6 @@ class Recipe(Section):
         return self.model_copy(update={"prune": None, "baseline": False, "name": f"{self.name}-baseline"})
 
 
-def _section(loc: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
-    """The model class at the parent of ``loc`` (None where the path leaves the schema)."""
-    model: Any = root
-    for part in loc[:-1]:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return None
-        ann = model.model_fields[part].annotation
-        args = getattr(ann, "__args__", ())
-        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _allowed_keys(loc: tuple, root: type[BaseModel] = Recipe) -> list[str]:
-    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
-    model = _section(loc, root)
-    return list(model.model_fields) if model is not None else []
-
-
-def _names_a_key(head: str, loc: tuple, root: type[BaseModel]) -> bool:
-    """Whether ``head`` (a model-level validator's ``head: message``) is a key of the section at ``loc``: a field
-    (``options.x``: an option of the field ``options``), an older spelling, or any key of a section that takes
-    open-ended keys (a model's options)."""
-    model = _section((*loc, head), root)
-    if model is None:
-        return False
-    return (head.split(".")[0] in model.model_fields or head in LEGACY_PRUNE
-            or (model.model_config.get("extra") == "allow" and head.isidentifier()))
-
-
-def _format_error(err: dict, root: type[BaseModel] = Recipe) -> str:
-    """One error as ``field.path: what is wrong, got <value>`` (the path from ``root``)."""
-    loc = tuple(err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc, root)
-        return f"{'.'.join(map(str, loc))}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-    head, sep, rest = msg.partition(": ")
-    model_level = err["type"] == "value_error" and sep and _names_a_key(head, loc, root)
-    if model_level:  # a model-level validator names the field it is about; its input is the whole section
-        loc, msg = (*loc, head), rest
-    path = ".".join(map(str, loc)) or "recipe"
-    msg = msg.replace("Input should be", "must be")
-    if model_level or err["type"] == "missing" or ", got " in msg:
-        return f"{path}: {msg}"
-    return f"{path}: {msg[0].lower() + msg[1:]}, got {err['input']!r}"
-
-
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as a dict; raise :class:`RecipeError` with field-path messages."""
     if data is None:
@@ -504,7 +340,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        lines = [_format_error(err) for err in e.errors(include_url=False)]
+        lines = [format_error(err, Recipe) for err in e.errors(include_url=False)]
         raise RecipeError(f"{source}: " + "; ".join(lines)) from e
 
 

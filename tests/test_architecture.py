@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "snncompress"
 
 # layer of every top-level module / package of snncompress (see docs/design.md)
-LAYERS = {"errors": 0, "registry": 0, "config": 0, "layout": 0, "artifacts": 1, "distributed": 1, "models": 1,
+LAYERS = {"errors": 0, "registry": 0, "legacy": 0, "schema": 0, "config": 0, "layout": 0, "artifacts": 1, "distributed": 1, "models": 1,
           "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "plots": 3, "export": 3, "runtime": 3,
           "stages": 4, "run": 5, "compare": 5, "cli": 6, "__init__": 7, "__main__": 7}
 STAGES = {"train", "slim", "export", "bench"}

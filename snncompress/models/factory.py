@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, create_model as create_pydantic_model
 
-from ..config import option_errors
+from ..schema import option_errors
 from ..errors import RecipeError, first_line
 from ..registry import MODELS, UntrustedCodeError, import_code
 from .modules import step_mode

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from ..config import Positive
+from ..schema import Positive
 
 Width = Positive  # the registered models' width multiplier: every channel count times it (rounded, at least 1)
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn as nn
 from spikingjelly.activation_based import neuron, surrogate
 
-from ..config import AboveOne, Positive, Section
+from ..schema import AboveOne, Positive, Section
 
 SURROGATES = {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid}
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from pydantic import AfterValidator, PlainValidator
 from spikingjelly.activation_based import functional, layer
 
-from ..config import PositiveInt
+from ..schema import PositiveInt
 from ..registry import register_model
 from .modules import StagedSNN, Width
 from .neuron import NeuronCfg, make_neuron

@@ -14,7 +14,8 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from ..config import PruneCfg, validate_options
+from ..config import PruneCfg
+from ..schema import validate_options
 from ..errors import SnnCompressError
 from ..registry import METHODS
 from .costs.unit import CostUnit
