@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -82,6 +82,18 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def exported_from(path: Path, source: Path, read_metadata: Callable[[Path], dict[str, str]]) -> bool:
+    """Whether ``path`` is an snncompress export of exactly ``source`` (by the ``source_sha256`` its metadata
+    holds; ``read_metadata`` refuses a foreign or unreadable file). False for a missing, foreign or unreadable
+    file, or one exported from something else: a run then exports it again."""
+    if not path.exists():
+        return False
+    try:
+        return read_metadata(path).get("source_sha256") == sha256(source)
+    except SnnCompressError:
+        return False
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "PyTorch checkpoint") -> Any:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import RecipeError
 from .legacy import translate_model, translate_prune
@@ -231,19 +232,12 @@ class PruneCfg(Section):
                 data = {**data, "options": options.model_dump(mode="json")}
         return data
 
-    @field_validator("method")
+    @field_validator("method", "budget_unit")
     @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS and not is_code_string(v):
-            raise ValueError(f"unknown method {v!r}; registered: {', '.join(METHODS.names())} "
-                             "(or your own as 'package.module:Class')")
-        return v
-
-    @field_validator("budget_unit")
-    @classmethod
-    def _known_unit(cls, v: str) -> str:
-        if v not in BUDGET_UNITS and not is_code_string(v):
-            raise ValueError(f"unknown budget unit {v!r}; registered: {', '.join(BUDGET_UNITS.names())} "
+    def _known(cls, v: str, info: ValidationInfo) -> str:
+        registry = METHODS if info.field_name == "method" else BUDGET_UNITS
+        if v not in registry and not is_code_string(v):
+            raise ValueError(f"unknown {registry.kind} {v!r}; registered: {', '.join(registry.names())} "
                              "(or your own as 'package.module:Class')")
         return v
 

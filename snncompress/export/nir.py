@@ -26,7 +26,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron
 from spikingjelly.activation_based.neuron import BaseNode
 
-from ..artifacts import sha256
+from ..artifacts import exported_from
 from ..data import to_steps
 from ..errors import SnnCompressError, first_line
 from ..evaluation import batch_logits
@@ -257,14 +257,8 @@ def neuron_count(graph) -> int:
 
 
 def nir_exported_from(nir_path: Path, ckpt_path: Path) -> bool:
-    """Whether ``nir_path`` is an snncompress export of exactly ``ckpt_path`` (False for a missing, foreign or
-    unreadable file: the run then exports it again)."""
-    if not nir_path.exists():
-        return False
-    try:
-        return read_nir_metadata(nir_path).get("source_sha256") == sha256(ckpt_path)
-    except SnnCompressError:
-        return False
+    """Whether ``nir_path`` is an snncompress NIR export of exactly ``ckpt_path`` (``artifacts.exported_from``)."""
+    return exported_from(nir_path, ckpt_path, read_nir_metadata)
 
 
 class Simulator:

@@ -15,7 +15,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from ..artifacts import sha256
+from .. import artifacts
 from ..errors import SnnCompressError
 from .unroll import UnrolledSNN, lean_neurons
 
@@ -79,11 +79,5 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def exported_from(onnx_path: Path, ckpt_path: Path) -> bool:
-    """Whether ``onnx_path`` is an snncompress export of exactly ``ckpt_path`` (False for a missing, foreign or
-    unreadable file: the run then exports it again)."""
-    if not onnx_path.exists():
-        return False
-    try:
-        return read_onnx_metadata(onnx_path).get("source_sha256") == sha256(ckpt_path)
-    except SnnCompressError:
-        return False
+    """Whether ``onnx_path`` is an snncompress ONNX export of exactly ``ckpt_path`` (``artifacts.exported_from``)."""
+    return artifacts.exported_from(onnx_path, ckpt_path, read_onnx_metadata)
