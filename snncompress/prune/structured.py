@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel
 
 from ..config import PruneCfg
 from .blocks import resolve_round_to
@@ -33,7 +34,7 @@ class ChannelPruner:
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int,
-                 scorer: type[Scorer], unit: CostUnit | None = None, options=None):
+                 scorer: type[Scorer], unit: CostUnit | None = None, options: BaseModel | None = None):
         self.model, self.groups, self.cfg, self.epochs = model, groups, cfg, epochs
         self.round_to = resolve_round_to(cfg.round_to)
         self.unit = unit

@@ -31,7 +31,7 @@ from ..data import graph_input, to_steps
 from ..export.onnx import unrolled_onnx
 from ..export.unroll import steps_unroll_exactly
 from ..prune.blocks import ceil_to, channel_block
-from ..prune.costs.layers import Layer
+from ..prune.costs.layers import Layer, model_layers
 from ..prune.costs.unit import CostUnit
 from ..prune.gates import ChannelGroup
 from ..prune.surgery import slim
@@ -144,9 +144,7 @@ class LatencyCost(CostUnit):
     def build(cls, model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor, recipe: Recipe
               ) -> "LatencyCost":
         require_runtime(recipe.deploy.runtime)  # before anything is written
-        unit = super().build(model, groups, example, recipe)
-        unit.deploy = recipe.deploy
-        return unit
+        return cls(model_layers(model, example, groups), groups, recipe.data.T, recipe.prune, recipe.deploy)
 
     def layer_cost(self, layer: Layer, a: float, b: float) -> float:
         ms, elements = latency_terms(layer, self.fit.tables[layer.name], a, b, self.T)
