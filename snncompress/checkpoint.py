@@ -20,6 +20,7 @@ from .models import FactoryError, build_factory_model, create_model
 from .models.factory import DATA_KWARGS, accepted_data_kwargs, model_options, resolve_factory
 from .registry import MODELS
 from .prune.gates import attach_gates, set_masks, strip_gates
+from .prune.shapes import dense_state, resize_to
 
 
 def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
@@ -81,31 +82,11 @@ def example_input(ckpt: dict, batch: int = 2) -> torch.Tensor:
     return torch.zeros(data["T"], batch, *data["input_shape"])
 
 
-def resize_to(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Give every parameter and buffer of ``model`` the shape it has in ``state_dict`` (in place).
-
-    The shape attributes that forward passes read (conv/linear channel counts, BatchNorm features) follow,
-    as Torch-Pruning sets them when it removes channels. The values are left to ``load_state_dict``.
-    """
-    for prefix, module in model.named_modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                target = state_dict.get(f"{prefix}.{name}" if prefix else name)
-                if t is None or target is None or target.shape == t.shape:
-                    continue
-                new = torch.empty(target.shape, dtype=t.dtype, device=t.device)
-                table[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-        if isinstance(module, nn.Conv2d):
-            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
-        elif isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            module.num_features = module.running_mean.shape[0]
-    return model
-
-
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory: bool = False) -> nn.Module:
     """Rebuild the model a checkpoint dict describes (gated dense model, or slim model) in eval mode.
+
+    A training checkpoint written after train removed the closed channels (``kept_index``: the slim fine-tune)
+    gives the gated dense model all the same, its removed entries 0 (closed channels compute nothing anyway).
 
     A checkpoint naming a user factory is refused, without importing it, unless ``trust_factory``
     (or the factory is trusted in this process already, e.g. named by the recipe being run).
@@ -123,7 +104,10 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
         else:
             from .prune.groups import channel_groups  # Torch-Pruning: only a dense checkpoint needs a trace
 
-            model.load_state_dict(ckpt["state_dict"])
+            state = ckpt["state_dict"]
+            if "kept_index" in ckpt:
+                state = dense_state(model.state_dict(), state, ckpt["kept_index"])
+            model.load_state_dict(state)
             set_masks(model, channel_groups(model, example), ckpt["masks"])
     except (MaskError, RuntimeError) as e:  # load_state_dict reports missing, unexpected or resized tensors
         raise SnnCompressError(f"{source}: weights do not match the model it describes ({first_line(e)})") from e

@@ -121,6 +121,8 @@ class TrainCfg(Section):
     checkpoint_every: PositiveInt = 1  # epochs between ckpt.pt writes (the last epoch is always written)
     # L1 penalty on every BatchNorm gamma (network slimming): the dense pre-training of criticality's pipeline
     l1_gamma: NonNegative = 0.0
+    # once the channel masks are final, remove the closed channels and fine-tune the slim network (its own cost)
+    slim_finetune: bool = True
 
 
 STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to", "sop_hold", "pq")  # channel budgets;

@@ -141,7 +141,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_old_checkpoint(run_dir, tmp_path)
 
     from .conftest import TINY, write_recipe
 
-    size = (run_dir / "train" / "ckpt.pt").stat().st_size
+    size = (run_dir / "baseline" / "ckpt.pt").stat().st_size  # dense-shaped, as the tiny run's first checkpoint
     disk = tmp_path / "disk"
     disk.mkdir()
     # room for one checkpoint and the metrics, not for the temporary copy of the next one

@@ -184,6 +184,9 @@ def test_two_processes_pick_identical_masks_at_every_update(two_process_run):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(8)) and all(m["world_size"] == 2 for m in metrics)
     assert output.count("test accuracy") == 1  # the summary comes from rank 0 alone
+    # both ranks removed the same channels after the last update and trained the slim network (re-wrapped)
+    assert [m["slim"] for m in metrics] == [False] * 5 + [True] * 3 and "kept_index" in ckpt
+    assert ckpt["state_dict"]["features.conv2.conv.weight"].shape[0] == int(ckpt["masks"]["features.conv2.conv"].sum())
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ from snncompress.errors import MaskError
 from snncompress.prune.gates import attach_gates, set_masks
 from snncompress.evaluation import compare_models
 
+from .conftest import TINY
+
 
 def _model(seed=0):
     torch.manual_seed(seed)
@@ -70,22 +72,36 @@ def test_verification_names_the_first_differing_layer():
     assert not eq.ok and eq.first_bad_layer == "features.conv3.spike"
 
 
-def test_slim_checkpoint_refuses_and_writes_nothing_when_not_equivalent(run_dir, tmp_path, monkeypatch):
+def test_slim_checkpoint_refuses_and_writes_nothing_when_not_equivalent(tmp_path, monkeypatch):
     import snncompress.stages.slim as slim_mod
 
-    real = slim_mod.slim_model
+    masked = sc.train(sc.parse_recipe({**TINY, "train": {**TINY["train"], "slim_finetune": False}}),
+                      tmp_path / "masked", progress=False)
+    real = slim_mod.apply_index
 
-    def corrupting(model, keep, example):
-        out = real(model, keep, example)
+    def corrupting(model, index):
+        out = real(model, index)
         with torch.no_grad():
             out.features.conv2.conv.weight.mul_(-5.0)
         return out
 
-    monkeypatch.setattr(slim_mod, "slim_model", corrupting)
-    target = tmp_path / "slim.pt"
+    monkeypatch.setattr(slim_mod, "apply_index", corrupting)
+    target = tmp_path / "out" / "slim.pt"
     with pytest.raises(sc.VerificationError, match="features.conv2.spike"):
-        sc.slim_checkpoint(run_dir / "train" / "ckpt.pt", target)
-    assert not target.exists() and not list(tmp_path.iterdir())
+        sc.slim_checkpoint(masked.ckpt, target)
+    assert not target.parent.exists() or not list(target.parent.iterdir())
+
+
+def test_a_slim_trained_checkpoint_whose_cut_does_not_match_its_weights_is_refused(run_dir, tmp_path):
+    ckpt = torch.load(run_dir / "train" / "ckpt.pt", weights_only=True)
+    assert "kept_index" in ckpt  # the tiny run fine-tunes its last epoch slim
+    index = ckpt["kept_index"]
+    cut = index["features.conv2.conv.weight"][0]  # conv2 fires in the tiny run (see the test above)
+    index["features.conv2.conv.weight"][0] = [i for i in range(len(cut) + 1) if i != cut[0]][:len(cut)]  # valid, wrong
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(sc.VerificationError, match="differs from the masked model"):
+        sc.slim_checkpoint(tmp_path / "ckpt.pt", tmp_path / "slim.pt")
+    assert not (tmp_path / "slim.pt").exists()
 
 
 def test_slim_equals_masked_with_a_spatial_readout():

@@ -62,6 +62,12 @@ class Pruner(Protocol):
 
     def end_epoch(self, epoch: int, reduce: Reduce | None = None) -> dict | None: ...
 
+    def freeze(self, epoch: int) -> dict[str, torch.Tensor] | None:
+        """Called before each epoch: the channel masks, final, if no epoch from ``epoch`` on can change them
+        and the method lets the training remove the closed channels (the slim fine-tune, ``train.slim_finetune``);
+        else None. Once it has returned masks, the pruner must not read the gates (they are gone) and the
+        network's closed channels are no longer there."""
+
     def agreement(self) -> dict[str, torch.Tensor]:
         """The masks every process must hold identically after an update (hashed and compared)."""
 

@@ -47,10 +47,13 @@ class ChannelPruner:
         self._regrowth = {g.name: torch.zeros(g.size, dtype=torch.float64, device=device) for g in groups}
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._scoring = True
+        self._final: dict[str, torch.Tensor] | None = None  # set by freeze: the gates are then gone
         self.history: list[dict] = []
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
+        if self._final is not None:
+            return {n: m.clone() for n, m in self._final.items()}
         return get_masks(self.model, self.groups)
 
     def kept_fraction(self) -> float:
@@ -71,6 +74,8 @@ class ChannelPruner:
             self.unit.activate(self._scoring)
 
     def after_backward(self) -> None:
+        if self._final is not None:
+            return
         for g in self.groups:
             for name in g.gates:
                 gate = self._gates[name].gate
@@ -152,6 +157,19 @@ class ChannelPruner:
             new = round_masks(new, scores, self.round_to)
         return new, {"unit": c.budget_unit, "dense": self.unit.dense, "target": target, "selected": selected,
                      "round_to": self.round_to}
+
+    def freeze(self, epoch: int) -> dict[str, torch.Tensor] | None:
+        """The final masks, once no epoch from ``epoch`` on updates them (after at least one update), else None.
+
+        From then on the pruner reads no gate and restores no closed weight: the caller removes the closed
+        channels from the network in place before its next forward. The scorer's and the cost unit's hooks stay
+        on their modules (the SOP hold keeps measuring the slim network).
+        """
+        if self._final is not None or not self.history or \
+                any(is_update_epoch(self.cfg, self.epochs, e) for e in range(epoch, self.epochs)):
+            return None
+        self._final, self._frozen, self._gates = self.masks, [], {}
+        return self.masks
 
     def agreement(self) -> dict[str, torch.Tensor]:
         return self.masks

@@ -188,6 +188,10 @@ class WeightPruner:
         self.history.append(entry)
         return entry
 
+    def freeze(self, epoch: int) -> None:
+        """Never: the channels stay (weight masks keep their dense shapes), so the network is never slimmed."""
+        return None
+
     def agreement(self) -> dict[str, torch.Tensor]:
         """Channel and weight masks together (what every rank must agree on)."""
         return {**self.masks, **{f"weights:{n}": m for n, m in self.weights.cpu().items()}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from ..errors import SnnCompressError, VerificationError
 from ..evaluation import Equivalence, compare_models
 from ..metrics import count_macs, count_params
 from ..prune.gates import gate_modules, neuron_of
-from ..prune.surgery import slim as slim_model
+from ..prune.shapes import apply_index
+from ..prune.surgery import kept_index
 
 
 @dataclass
@@ -44,11 +46,14 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
     masked = model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
     x_ex = example_input(ckpt)
     masks = {g: torch.as_tensor(m, dtype=torch.bool) for g, m in ckpt["masks"].items()}
-    slim_net = slim_model(masked, masks, x_ex)
+    if "kept_index" in ckpt:  # train removed the closed channels already (the slim fine-tune): its weights are slim
+        state, index = ckpt["state_dict"], ckpt["kept_index"]
+    else:
+        index = kept_index(masked, masks, x_ex)
+        state = apply_index(copy.deepcopy(masked), index).state_dict()
     # weight masks are in dense shapes; the slim weights carry the pruned entries as zeros instead
-    out = {**{k: v for k, v in ckpt.items() if k != "weight_masks"}, "format": SLIM_FORMAT,
-           "state_dict": slim_net.state_dict(),
-           "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()},
+    out = {**{k: v for k, v in ckpt.items() if k != "weight_masks"}, "format": SLIM_FORMAT, "state_dict": state,
+           "kept_index": index, "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()},
            "source_sha256": sha256(ckpt_path)}
     # what is verified is the model as slim.pt will load it (rebuilt from its shapes, no surgery)
     reloaded = model_from_checkpoint(out, str(out_path), trust_factory)

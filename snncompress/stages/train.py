@@ -3,6 +3,7 @@ written atomically every epoch, exact resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -10,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,13 +28,15 @@ from ..config import Recipe, TrainCfg
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.datasets import Pairs
 from ..data.augment import random_crop_flip
-from ..errors import MaskError, SnnCompressError, first_line
-from ..evaluation import evaluate
+from ..errors import MaskError, SnnCompressError, VerificationError, first_line
+from ..evaluation import compare_models, evaluate
 from ..layout import BEST, CKPT, METRICS
-from ..prune.gates import get_masks
+from ..prune.gates import ChannelGroup, get_masks, neuron_of
 from ..prune.costs import CostUnit, build_unit
 from ..prune.groups import channel_groups
 from ..prune.pruner import Pruner, build_pruner
+from ..prune.shapes import KeptIndex, apply_index, slice_optimizer
+from ..prune.surgery import kept_index
 from ..registry import trusted
 
 
@@ -199,9 +202,23 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     ckpt_path, best_path, metrics_path = out_dir / CKPT, out_dir / BEST, out_dir / METRICS
+    slim_ft = recipe.train.slim_finetune and pruner is not None
+    index: KeptIndex | None = None  # once train has removed the closed channels (the slim fine-tune)
+
+    def slim_network(masks: dict[str, torch.Tensor], check: bool) -> KeptIndex:
+        nonlocal gammas
+        checked = (data.x_test[:recipe.data.batch_size], T, enc) if check else None
+        cut = _slim_network(model, opt, masks, groups, example, checked)
+        gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+        if multi:
+            distributed.check_agree(json.dumps({n: list(t.shape) for n, t in model.state_dict().items()}),
+                                    "the slim network's shapes")
+        return cut
+
     start, best_acc, metrics = 0, -1.0, []
     if resume and ckpt_path.exists():
-        start, best_acc, metrics = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path)
+        start, best_acc, metrics, index = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path,
+                                                   lambda masks: slim_network(masks, check=False))
         if rank != 0:  # the checkpoint holds the sums over all ranks: rank 0 takes them
             for t in statistics():
                 t.zero_()
@@ -222,9 +239,18 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             if multi:
                 sampler.set_epoch(epoch)
                 seed_everything(distributed.rank_seed(recipe.seed, epoch))
-            net.train()
-            if pruner:
+            if pruner:  # statistics off unless this epoch feeds an update: the check below adds none
                 pruner.begin_epoch(epoch)
+            final = pruner.freeze(epoch) if slim_ft and index is None else None
+            if final is not None:  # the masks cannot change any more: train the network they leave, at its cost
+                try:
+                    index = slim_network(final, check=True)
+                except VerificationError as e:
+                    good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none"
+                    raise VerificationError(f"before epoch {epoch}: {e}; training stopped; last checkpoint: {good}; "
+                                            "train.slim_finetune: false fine-tunes the masked network instead") from e
+                net = distributed.wrap(model, device)  # DDP holds the parameters the surgery replaced
+            net.train()
             # summed on the device: the step never waits for it; the host reads the sums once per epoch
             loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
             seen = 0
@@ -256,7 +282,8 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
-                   "kept_channels": kept, "mask_update": event is not None, **(pruner.metrics() if pruner else {}),
+                   "kept_channels": kept, "mask_update": event is not None, "slim": index is not None,
+                   **(pruner.metrics() if pruner else {}),
                    "seconds": seconds, "samples_per_s": seen / seconds}
             if multi:
                 row["world_size"] = distributed.world_size()
@@ -269,7 +296,10 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
                 distributed.gather_on_main(statistics())
             save = (epoch + 1) % every == 0 or epoch == epochs - 1
             if main:  # the other ranks never write, so no file is ever half-written by two processes
-                ckpt = {**base, "state_dict": model.state_dict(), "masks": get_masks(model, groups),
+                masks = pruner.masks if pruner else get_masks(model, groups)
+                slimmed = {} if index is None else {
+                    "kept_index": index, "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()}}
+                ckpt = {**base, "state_dict": model.state_dict(), "masks": masks, **slimmed,
                         "history": _history(pruner), "metrics": row, "epoch": epoch,
                         **(pruner.checkpoint_entries() if pruner else {}),
                         "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
@@ -291,6 +321,28 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     return TrainResult(out_dir, ckpt_path, best_path, metrics, budget)
 
 
+def _slim_network(model: nn.Module, opt: torch.optim.Optimizer, masks: dict[str, torch.Tensor],
+                  groups: list[ChannelGroup], example: torch.Tensor,
+                  check: tuple[torch.Tensor, int, str] | None) -> KeptIndex:
+    """Remove the channels ``masks`` close from the training network, in place, with the slim stage's surgery,
+    and cut the optimiser's state alike; returns what was kept. With ``check`` (images, T, encoding) the slim
+    network must first give the masked one's outputs on those images (as ``slim`` verifies), else
+    :class:`VerificationError`."""
+    reference = copy.deepcopy(model).cpu() if check else None
+    before = dict(model.named_parameters())
+    index = kept_index(model, masks, example)
+    apply_index(model, index)
+    slice_optimizer(opt, before, dict(model.named_parameters()), index)
+    if check:
+        kept = {neuron_of(gate): masks[g.name] for g in groups for gate in g.gates}
+        with torch.random.fork_rng(devices=[]):  # a Poisson encoding draws: the run's stream stays untouched
+            eq = compare_models(reference, copy.deepcopy(model).cpu(), *check, kept)
+        if not eq.ok:
+            raise VerificationError(f"the slim network differs from the masked one at layer {eq.first_bad_layer} "
+                                    f"(max |Δlogit| {eq.max_abs_diff:.3g}, same predictions: {eq.same_predictions})")
+    return index
+
+
 def _measure(unit: CostUnit, model: nn.Module, x: torch.Tensor, recipe: Recipe, show: bool) -> None:
     """What the cost unit measures before training (e.g. latency tables on ``deploy.runtime``), measured by
     rank 0 alone (two processes timing at once would disturb each other) and sent to every rank, so all
@@ -306,7 +358,10 @@ def _train_state(opt, sched, gen: torch.Generator, pruner: Pruner | None, best_a
             "pruner": pruner.state_dict() if pruner else None, "best_acc": best_acc}
 
 
-def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics_path: Path) -> tuple[int, float, list]:
+def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics_path: Path,
+             slim: Callable[[dict[str, torch.Tensor]], KeptIndex]) -> tuple[int, float, list, KeptIndex | None]:
+    """Load a checkpoint's weights and training state; one written after the slim fine-tune's surgery has the
+    same surgery (``slim``) made on the model first. Returns (first epoch, best accuracy, metrics, kept index)."""
     ckpt = load_checkpoint(path)
     if ckpt["format"] != CKPT_FORMAT or "train_state" not in ckpt:
         raise SnnCompressError(f"{path}: cannot resume from it (a {ckpt['format']} checkpoint without training state)")
@@ -321,6 +376,14 @@ def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics
         raise SnnCompressError(f"{path}: cannot resume from it ("
                                + (problem or f"epoch must be an int in [0, {recipe.train.epochs}), got {epoch!r:.40}")
                                + ")")
+    index = None
+    if "kept_index" in ckpt:  # the masks, then the surgery they made; the slim weights last
+        _restore_pruner(path, ckpt, pruner)
+        final = pruner.freeze(epoch + 1) if pruner is not None and recipe.train.slim_finetune else None
+        index = slim(final) if final is not None else None
+        if index is None or index != ckpt["kept_index"]:
+            raise SnnCompressError(f"{path}: cannot resume from it (its kept_index is not the cut its masks make "
+                                   f"after epoch {epoch})")
     try:  # load_state_dict reports missing, unexpected or resized tensors, and parameter groups that differ
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(state["optimizer"])
@@ -329,15 +392,20 @@ def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["rng"]["loader"])
     torch.set_rng_state(state["rng"]["torch"])
-    if pruner:
-        try:
-            pruner.load_state_dict(state["pruner"], ckpt["masks"], ckpt["history"])
-        except MaskError as e:
-            raise SnnCompressError(f"{path}: its masks do not match this model ({e})") from e
+    if index is None:  # the closed channels' weights are frozen from the loaded ones
+        _restore_pruner(path, ckpt, pruner)
     metrics = []
     if metrics_path.exists():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:epoch + 1]
-    return epoch + 1, float(state["best_acc"]), metrics
+    return epoch + 1, float(state["best_acc"]), metrics, index
+
+
+def _restore_pruner(path: Path, ckpt: dict, pruner: Pruner | None) -> None:
+    if pruner:
+        try:
+            pruner.load_state_dict(ckpt["train_state"]["pruner"], ckpt["masks"], ckpt["history"])
+        except MaskError as e:
+            raise SnnCompressError(f"{path}: its masks do not match this model ({e})") from e
 
 
 def _train_state_problem(state: object, pruned: bool) -> str | None:

@@ -138,13 +138,15 @@ class SopMeter:
             x = args[0] if hold else args[0].detach()
             x = x.reshape(-1, *x.shape[-3:]) if lay.kind == "conv" else x.reshape(-1, x.shape[-1])
             per_pos = x.sum(0, dtype=torch.float64)  # [C, H, W] or [features]
-            # per input channel: its spikes times the output positions each reaches (one output per feature)
-            spikes = (per_pos * self._fanout[lay.name]).sum((-2, -1)) if lay.kind == "conv" \
-                else per_pos.view(lay.n_in, -1).sum(1)
+            # each spike times the output positions it reaches (one output per feature of a linear layer); the
+            # channels may be fewer than the layer's dense ones (train's slim fine-tune): only holding sees that
+            spikes = (per_pos * self._fanout[lay.name]).sum((-2, -1)) if lay.kind == "conv" else per_pos
             if hold:
                 sops = spikes.sum() * (self.outputs[lay.name] * self.T / x.shape[0])
                 self.batch = sops if self.batch is None else self.batch + sops
             if self.active:
+                if lay.kind != "conv":  # per input channel
+                    spikes = spikes.view(lay.n_in, -1).sum(1)
                 with torch.no_grad():
                     self.sums[lay.name] += spikes.detach()
                     self.analog[lay.name] += ((x != 0) & (x != 1)).any()
