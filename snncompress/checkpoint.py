@@ -105,8 +105,10 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
             from .prune.groups import channel_groups  # Torch-Pruning: only a dense checkpoint needs a trace
 
             state = ckpt["state_dict"]
-            if "kept_index" in ckpt:
-                state = dense_state(model.state_dict(), state, ckpt["kept_index"])
+            if "kept_index" in ckpt:  # the gates are not in a slim state dict: the masks set them below
+                own = model.state_dict()
+                state = {**{k: v for k, v in own.items() if k.endswith(".gate.gate")},
+                         **dense_state(own, state, ckpt["kept_index"])}
             model.load_state_dict(state)
             set_masks(model, channel_groups(model, example), ckpt["masks"])
     except (MaskError, RuntimeError) as e:  # load_state_dict reports missing, unexpected or resized tensors
@@ -153,7 +155,13 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.c
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in a weights file: an snncompress checkpoint, a plain ``state_dict``, or a dict
     holding one under ``state_dict`` / ``model`` / ``net``; read with ``torch.load(weights_only=True)``."""
+    return _read_weights(path)[0]
+
+
+def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], object]:
+    """:func:`read_weights`, and the file's ``kept_index`` (a checkpoint of train's slim fine-tune) or None."""
     obj = read_torch_file(path, "PyTorch weights file")
+    index = obj.get("kept_index") if isinstance(obj, dict) else None
     is_state = lambda d: isinstance(d, dict) and d and all(torch.is_tensor(v) for v in d.values())  # noqa: E731
     if isinstance(obj, dict) and not is_state(obj):
         obj = next((obj[k] for k in WEIGHT_KEYS if is_state(obj.get(k))), obj)
@@ -164,7 +172,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for prefix in WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+    return obj, index
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -175,14 +183,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     """Load trained weights into a gated model built from the recipe; return the file's sha256.
 
     The channel gates are not weights: a file's gates (an snncompress checkpoint's masks) are ignored
-    and pruning starts with every channel open. A file that does not fit the model is refused with one
+    and pruning starts with every channel open (a checkpoint of train's slim fine-tune gives its removed
+    channels as zeros). A file that does not fit the model is refused with one
     line naming how many keys are missing, unexpected or of another shape, and the first few of each
     (a :class:`RecipeError`: exit code 2).
     """
     try:
-        weights = {k: v for k, v in read_weights(path).items() if not k.endswith(".gate.gate")}
+        weights, index = _read_weights(path)
+        if index is not None:  # slim weights (train's slim fine-tune): the removed entries back as zeros
+            weights = dense_state(model.state_dict(), weights, index)
     except SnnCompressError as e:  # the recipe names the file: a usage error, like any bad recipe field
         raise RecipeError(f"model.weights: {e}") from e
+    weights = {k: v for k, v in weights.items() if not k.endswith(".gate.gate")}
     own = {k: v for k, v in model.state_dict().items() if not k.endswith(".gate.gate")}
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]

@@ -107,17 +107,13 @@ def slice_optimizer(opt: torch.optim.Optimizer, before: dict[str, nn.Parameter],
 
 
 def dense_state(own: dict[str, torch.Tensor], slim: dict[str, torch.Tensor], index: object) -> dict[str, torch.Tensor]:
-    """The state dict in the dense shapes of ``own`` (a model's) of the slim state dict ``slim`` cut by ``index``:
-    removed entries 0, tensors absent from ``slim`` (gates) taken from ``own``. A malformed index is refused
+    """The slim state dict ``slim``, cut by ``index``, in the dense shapes of ``own`` (a model's state dict): every
+    indexed tensor scattered back, its removed entries 0; the others as they are. A malformed index is refused
     (:class:`MaskError`, one line)."""
     problem = _index_problem(index, own, slim)
     if problem:
         raise MaskError(f"kept_index: {problem}")
-    out = {}
-    for name, t in own.items():
-        s = slim.get(name, t)
-        out[name] = scatter(s, index[name], t.shape) if name in index else s
-    return out
+    return {name: scatter(t, index[name], own[name].shape) if name in index else t for name, t in slim.items()}
 
 
 def _index_problem(index: object, own: dict[str, torch.Tensor], slim: dict[str, torch.Tensor]) -> str | None:

@@ -161,14 +161,17 @@ class ChannelPruner:
     def freeze(self, epoch: int) -> dict[str, torch.Tensor] | None:
         """The final masks, once no epoch from ``epoch`` on updates them (after at least one update), else None.
 
-        From then on the pruner reads no gate and restores no closed weight: the caller removes the closed
-        channels from the network in place before its next forward. The scorer's and the cost unit's hooks stay
-        on their modules (the SOP hold keeps measuring the slim network).
+        From then on the pruner reads no gate, restores no closed weight and gathers no statistics: the caller
+        removes the closed channels from the network in place before its next forward. The scorer's and the cost
+        unit's hooks stay on their modules, switched off (the SOP hold keeps measuring the slim network).
         """
         if self._final is not None or not self.history or \
                 any(is_update_epoch(self.cfg, self.epochs, e) for e in range(epoch, self.epochs)):
             return None
         self._final, self._frozen, self._gates = self.masks, [], {}
+        self.scorer.activate(False)
+        if self.unit is not None:
+            self.unit.activate(False)
         return self.masks
 
     def agreement(self) -> dict[str, torch.Tensor]:

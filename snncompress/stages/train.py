@@ -239,17 +239,9 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             if multi:
                 sampler.set_epoch(epoch)
                 seed_everything(distributed.rank_seed(recipe.seed, epoch))
-            if pruner:  # statistics off unless this epoch feeds an update: the check below adds none
+            if pruner:
                 pruner.begin_epoch(epoch)
-            final = pruner.freeze(epoch) if slim_ft and index is None else None
-            if final is not None:  # the masks cannot change any more: train the network they leave, at its cost
-                try:
-                    index = slim_network(final, check=True)
-                except VerificationError as e:
-                    good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none"
-                    raise VerificationError(f"before epoch {epoch}: {e}; training stopped; last checkpoint: {good}; "
-                                            "train.slim_finetune: false fine-tunes the masked network instead") from e
-                net = distributed.wrap(model, device)  # DDP holds the parameters the surgery replaced
+            trained_slim = index is not None
             net.train()
             # summed on the device: the step never waits for it; the host reads the sums once per epoch
             loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
@@ -273,6 +265,16 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             event = pruner.end_epoch(epoch, distributed.sum_across_ranks if multi else None) if pruner else None
             if event is not None:
                 event["mask_sha256"] = distributed.check_masks_agree(pruner.agreement(), epoch)
+            final = pruner.freeze(epoch + 1) if slim_ft and event is not None else None
+            if final is not None:  # that was the last update: from here on, train the network the masks leave
+                try:
+                    index = slim_network(final, check=True)
+                except VerificationError as e:
+                    good = f"{ckpt_path} (epoch {last_saved})" if last_saved >= 0 else "none"
+                    raise VerificationError(f"after the mask update of epoch {epoch}: {e}; training stopped; last "
+                                            f"checkpoint: {good}; train.slim_finetune: false fine-tunes the masked "
+                                            "network instead") from e
+                net = distributed.wrap(model, device)  # DDP holds the parameters the surgery replaced
             if multi:
                 distributed.broadcast_buffers(model)
                 test_loss, test_acc = evaluate_sharded(model, data.x_test, data.y_test, T, enc)
@@ -282,7 +284,7 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
-                   "kept_channels": kept, "mask_update": event is not None, "slim": index is not None,
+                   "kept_channels": kept, "mask_update": event is not None, "slim": trained_slim,
                    **(pruner.metrics() if pruner else {}),
                    "seconds": seconds, "samples_per_s": seen / seconds}
             if multi:
@@ -394,6 +396,9 @@ def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics
     torch.set_rng_state(state["rng"]["torch"])
     if index is None:  # the closed channels' weights are frozen from the loaded ones
         _restore_pruner(path, ckpt, pruner)
+        # written before the surgery by an older version, with the masks already final: the surgery now
+        final = pruner.freeze(epoch + 1) if pruner is not None and recipe.train.slim_finetune else None
+        index = slim(final) if final is not None else None
     metrics = []
     if metrics_path.exists():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:epoch + 1]
