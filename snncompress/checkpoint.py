@@ -116,6 +116,9 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
     return model.eval()
 
 
+MAX_DATA_KWARG = 1 << 20
+
+
 def _checked_spec(ckpt: dict, source: str) -> dict:
     """The checkpoint's model spec, refused in one line unless it is one a model can be built from (a registered
     model's kwargs checked by its builder)."""
@@ -131,8 +134,11 @@ def _checked_spec(ckpt: dict, source: str) -> dict:
             model_options(name, {k: v for k, v in spec["kwargs"].items() if k not in DATA_KWARGS})
         except RecipeError as e:
             raise SnnCompressError(f"{source}: {e}") from e
-    if not all(isinstance(spec["kwargs"].get(k, 1), int) for k in DATA_KWARGS):
-        raise SnnCompressError(f"{source}: model kwargs in_channels and num_classes must be ints")
+    # a registered model needs both (a factory may take neither); bounded, as they size the first and last layers
+    given = {k: spec["kwargs"].get(k, None if factory is None else 1) for k in DATA_KWARGS}
+    if not all(type(v) is int and 1 <= v <= MAX_DATA_KWARG for v in given.values()):
+        raise SnnCompressError(f"{source}: model kwargs in_channels and num_classes must be ints in "
+                               f"[1, {MAX_DATA_KWARG:,}], got {given}")
     return spec
 
 
@@ -169,10 +175,29 @@ def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], obj
         keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
         raise SnnCompressError(f"{path}: no state dict in it (expected a dict of tensors, or one under "
                                f"{', '.join(WEIGHT_KEYS)}; found {keys or 'an empty dict'})")
+    problem = _state_problem(obj)
+    if problem:
+        raise SnnCompressError(f"{path}: {problem}")
     for prefix in WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj, index
+
+
+def _state_problem(state: dict) -> str | None:
+    """What makes a state dict unusable as weights (None if nothing): keys that are not tensor names, tensors
+    that are not plain dense real numbers, values that are not finite."""
+    for k, t in state.items():
+        if not isinstance(k, str):
+            return f"the state dict's keys must be tensor names (strings), found {k!r:.40} ({type(k).__name__})"
+        kind = ("sparse" if t.layout != torch.strided else "meta (no data)" if t.is_meta
+                else "quantized" if t.is_quantized else "complex" if t.is_complex()
+                else "bool" if t.dtype == torch.bool else None)
+        if kind:
+            return f"tensor {k!r:.80} is {kind}; weights must be dense real-valued tensors"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor {k!r:.80} holds NaN or infinite values"
+    return None
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -199,6 +224,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     reshaped = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    retyped = [k for k in own if k in weights and weights[k].is_floating_point() != own[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"{len(missing)} key{'s' * (len(missing) > 1)} missing ({_first(missing)})")
@@ -207,6 +233,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     if reshaped:
         shapes = [f"{k}: {list(weights[k].shape)} in the file, {list(own[k].shape)} in the model" for k in reshaped]
         problems.append(f"{len(reshaped)} of another shape ({_first(shapes, 2)})")
+    if retyped:
+        kinds = [f"{k}: {weights[k].dtype} in the file, {own[k].dtype} in the model" for k in retyped]
+        problems.append(f"{len(retyped)} of another kind of number ({_first(kinds, 2)})")
     if problems:
         raise RecipeError(f"model.weights: {path} does not fit the recipe's model: {', '.join(problems)}")
     model.load_state_dict(weights, strict=False)  # strict on everything but the gates, checked above

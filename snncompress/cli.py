@@ -10,15 +10,17 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress spiking neural networks: train with dynamic structured pruning, slim, export to ONNX, bench.")
-console = Console()
-err_console = Console(stderr=True)
+# Everything printed is plain text: file names, recipe names, metadata and keys come from files and users, and
+# rich would take their brackets for markup ("[/]" crashes it); control characters are escaped (see say).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 _state = {"debug": False, "trust_factory": False}
 
 
@@ -31,32 +33,43 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["trust_factory"] = trust_factory
 
 
+def printable(text: object) -> str:
+    """``text`` with every non-printable character (ESC, CR, newline, ...) written as its escape: a string from a
+    file cannot move the cursor, clear the screen or forge a line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+
+
+def say(text: object, style: str | None = None, stderr: bool = False) -> None:
+    """Print one line of plain text (:func:`printable`)."""
+    (err_console if stderr else console).print(Text(printable(text), style=style or ""), soft_wrap=True)
+
+
 def _table(report: dict) -> Table:
     from .stages.bench import table_rows
 
     header, rows = table_rows(report)
     t = Table(*header, title="snncompress bench")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*map(printable, r))
     return t
 
 
 def _print_bench(report: dict, out_dir: Path) -> None:
-    console.print(_table(report))
+    console.print(_table(report))  # cells: printable()
     s = report["settings"]
-    console.print(f"speedup (slim vs dense-shaped, median latency on {s['runtime']} {s['runtime_version']}): "
-                  + ", ".join(f"batch {b}: {v:.2f}x" for b, v in report["speedup"].items()), highlight=False)
+    say(f"speedup (slim vs dense-shaped, median latency on {s['runtime']} {s['runtime_version']}): "
+        + ", ".join(f"batch {b}: {v:.2f}x" for b, v in report["speedup"].items()))
     if "budget" in report:
         b = report["budget"]
         pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731 (a model that never spikes has no SOP ratio)
         ratios = ", ".join(f"{k} {pct(v)}" for k, v in b["ratios"].items())
-        console.print(f"budget: keep {pct(b['target'])} of the {b['unit']}; the slim model has "
-                      f"{pct(b['achieved'])} (of the dense-shaped model: {ratios}; latency at batch "
-                      f"{b['latency_batch']})", highlight=False)
+        say(f"budget: keep {pct(b['target'])} of the {b['unit']}; the slim model has "
+            f"{pct(b['achieved'])} (of the dense-shaped model: {ratios}; latency at batch "
+            f"{b['latency_batch']})")
     from .layout import RunLayout
 
     layout = RunLayout(out_dir)
-    console.print(f"wrote {layout.bench} and {layout.report}")
+    say(f"wrote {layout.bench} and {layout.report}")
 
 
 @app.command("train")
@@ -75,14 +88,14 @@ def train_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
         if not distributed.is_main():
             return
     last = res.metrics[-1]
-    console.print(f"test accuracy {last['test_acc']:.4f}, kept channels {last['kept_channels']:.3f}; "
-                  f"wrote {res.ckpt}, {res.best}, {res.out_dir / 'metrics.jsonl'}")
+    say(f"test accuracy {last['test_acc']:.4f}, kept channels {last['kept_channels']:.3f}; "
+        f"wrote {res.ckpt}, {res.best}, {res.out_dir / 'metrics.jsonl'}")
     if b := res.budget:
-        console.print(f"budget: the masks cost {b['selected'] / b['dense']:.1%} of the dense model's {b['unit']} "
-                      f"(target {b['target'] / b['dense']:.1%})")
+        say(f"budget: the masks cost {b['selected'] / b['dense']:.1%} of the dense model's {b['unit']} "
+            f"(target {b['target'] / b['dense']:.1%})")
         if b["selected"] > b["target"] * (1 + 1e-6):
-            console.print("  the target is below the smallest network the method keeps (prune.min_channels per "
-                          "group, counted in whole channel blocks for latency); that network was kept")
+            say("  the target is below the smallest network the method keeps (prune.min_channels per "
+                "group, counted in whole channel blocks for latency); that network was kept")
 
 
 @app.command("slim")
@@ -92,18 +105,18 @@ def slim_cmd(ckpt: Path = typer.Argument(..., help="Training checkpoint (ckpt.pt
     from .stages.slim import slim_checkpoint
 
     r = slim_checkpoint(ckpt, out, trust_factory=_state["trust_factory"])
-    console.print(f"params {r.params[0]:,} -> {r.params[1]:,} ({r.params[1] / r.params[0]:.1%}); "
-                  f"MACs/inference {r.macs[0]:,} -> {r.macs[1]:,} ({r.macs[1] / r.macs[0]:.1%})")
+    say(f"params {r.params[0]:,} -> {r.params[1]:,} ({r.params[1] / r.params[0]:.1%}); "
+        f"MACs/inference {r.macs[0]:,} -> {r.macs[1]:,} ({r.macs[1] / r.macs[0]:.1%})")
     for g, (k, n) in r.kept.items():
-        console.print(f"  {g}: {n} -> {k} channels")
+        say(f"  {g}: {n} -> {k} channels")
     eq = r.equivalence
     if eq.exact:
-        console.print(f"verified on {eq.n_samples} test samples: same predictions, "
-                      f"max |Δlogit| {eq.max_abs_diff:.2g}; wrote {r.path}")
+        say(f"verified on {eq.n_samples} test samples: same predictions, "
+            f"max |Δlogit| {eq.max_abs_diff:.2g}; wrote {r.path}")
     else:
-        console.print(f"verified on {eq.n_samples} test samples in float64: same predictions, max |Δlogit| "
-                      f"{eq.float64.max_abs_diff:.2g}. In float32, rounding flips spikes at the threshold: max "
-                      f"|Δlogit| {eq.max_abs_diff:.2g}, same predictions: {eq.same_predictions}; wrote {r.path}")
+        say(f"verified on {eq.n_samples} test samples in float64: same predictions, max |Δlogit| "
+            f"{eq.float64.max_abs_diff:.2g}. In float32, rounding flips spikes at the threshold: max "
+            f"|Δlogit| {eq.max_abs_diff:.2g}, same predictions: {eq.same_predictions}; wrote {r.path}")
 
 
 @app.command("export")
@@ -132,27 +145,26 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
         from .stages.export import export_nir
 
         n = export_nir(ckpt, out, trust_factory=_state["trust_factory"])
-        console.print(f"BatchNorm folded: max |Δlogit| {n.fold_max_abs_diff:.2g} against the model as trained, "
-                      f"{n.fold_agreement:.2%} of test predictions unchanged"
-                      + (" (exact in float64: float32 rounding at the threshold)" if n.fold_float64_exact else ""),
-                      highlight=False)
-        console.print(f"verified: read back with nir.read and simulated by spikingjelly on {n.n_samples} test samples: "
-                      f"same predictions, max |Δlogit| {n.max_abs_diff:.2g}; "
-                      + ", ".join(f"{v} {k}" for k, v in n.nodes.items())
-                      + f" nodes, {n.neurons:,} neurons, {n.bytes:,} bytes; wrote {n.path}", highlight=False)
+        say(f"BatchNorm folded: max |Δlogit| {n.fold_max_abs_diff:.2g} against the model as trained, "
+            f"{n.fold_agreement:.2%} of test predictions unchanged"
+            + (" (exact in float64: float32 rounding at the threshold)" if n.fold_float64_exact else ""))
+        say(f"verified: read back with nir.read and simulated by spikingjelly on {n.n_samples} test samples: "
+            f"same predictions, max |Δlogit| {n.max_abs_diff:.2g}; "
+            + ", ".join(f"{v} {k}" for k, v in n.nodes.items())
+            + f" nodes, {n.neurons:,} neurons, {n.bytes:,} bytes; wrote {n.path}")
         return
     from .stages.export import export_onnx
 
     r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, int8=int8, order=unroll,
                     trust_factory=_state["trust_factory"])
     if r.fold_agreement is not None:
-        console.print(f"BatchNorm folded: {r.fold_agreement:.2%} of test predictions unchanged by the fold")
-    console.print(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
-                  f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes, unrolled by {r.order}; wrote {r.path}")
+        say(f"BatchNorm folded: {r.fold_agreement:.2%} of test predictions unchanged by the fold")
+    say(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
+        f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes, unrolled by {r.order}; wrote {r.path}")
     if r.int8:
         q = r.int8
-        console.print(f"int8 weights: accuracy {q['accuracy_fp32']:.2%} -> {q['accuracy_int8']:.2%} "
-                      f"({q['agreement']:.2%} of predictions unchanged); wrote {q['path']}")
+        say(f"int8 weights: accuracy {q['accuracy_fp32']:.2%} -> {q['accuracy_int8']:.2%} "
+            f"({q['agreement']:.2%} of predictions unchanged); wrote {q['path']}")
 
 
 @app.command("bench")
@@ -208,7 +220,7 @@ def run_cmd(recipe: Path = typer.Argument(..., help="YAML recipe"),
     from .run import run_pipeline
 
     out = out or Path("runs") / r.name
-    report = run_pipeline(r, out, resume=resume, log=lambda stage: console.print(f"[bold cyan]▶ {stage}"))
+    report = run_pipeline(r, out, resume=resume, log=lambda stage: say(f"▶ {stage}", "bold cyan"))
     if report is not None:  # None: a rank > 0 under torchrun, done after training
         _print_bench(report, out)
 
@@ -245,10 +257,11 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
     out = out or Path("runs") / f"{r.name}-compare"
     keeps = _csv(keep, "--keep", float) if keep is not None else None
     result = compare(r, out, _csv(methods, "--methods"), keeps, seeds, baseline,
-                     log=lambda line: console.print(f"[bold cyan]▶ {line}"))
-    console.print((out / "compare.md").read_text(), highlight=False, markup=False, soft_wrap=True)
-    console.print(f"wrote {out / 'compare.json'} ({len(result['rows'])} rows), {out / 'compare.md'}, "
-                  f"{out / 'compare.png'}")
+                     log=lambda line: say(f"▶ {line}", "bold cyan"))
+    for line in (out / "compare.md").read_text().splitlines():
+        say(line)
+    say(f"wrote {out / 'compare.json'} ({len(result['rows'])} rows), {out / 'compare.md'}, "
+        f"{out / 'compare.png'}")
 
 
 @app.command("info")
@@ -265,33 +278,33 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
             openvino = f"openvino {version('openvino')}"
         except PackageNotFoundError:
             openvino = "openvino not installed (optional: pip install 'snncompress[openvino]')"
-        console.print(f"snncompress {__version__}; " + "; ".join(
+        say(f"snncompress {__version__}; " + "; ".join(
             f"{pkg} {version(pkg)}" for pkg in ("torch", "spikingjelly", "torch-pruning", "onnx", "onnxruntime", "nir"))
-            + f"; {openvino}", highlight=False)
-        console.print(f"models: {', '.join(list_models())}")
-        console.print("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
-        console.print(f"budget units: {', '.join(BUDGET_UNITS.names())}")
+            + f"; {openvino}")
+        say(f"models: {', '.join(list_models())}")
+        say("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
+        say(f"budget units: {', '.join(BUDGET_UNITS.names())}")
         return
     if path.suffix == ".nir":
         from .export.nir import NIR_FORMAT, describe_nodes, read_nir
 
         graph = read_nir(path)
-        table = Table("node", "type", "input", "output", title=f"{path} ({len(graph.nodes)} nodes, "
-                      f"{len(graph.edges)} edges)")
+        table = Table("node", "type", "input", "output", title=printable(f"{path} ({len(graph.nodes)} nodes, "
+                                                                         f"{len(graph.edges)} edges)"))
         for row in describe_nodes(graph):
-            table.add_row(*row)
+            table.add_row(*map(printable, row))
         console.print(table)
         meta = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in (graph.metadata or {}).items()}
         if meta.get("format") != NIR_FORMAT:
-            console.print(f"metadata: none from snncompress (no '{NIR_FORMAT}' format entry)", highlight=False)
+            say(f"metadata: none from snncompress (no '{NIR_FORMAT}' format entry)")
         for k, v in meta.items():
-            console.print(f"{k}: {v}", highlight=False)
+            say(f"{k}: {v}")
         return
     if path.suffix == ".onnx":
         from .export.onnx import read_onnx_metadata
 
         for k, v in read_onnx_metadata(path).items():
-            console.print(f"{k}: {v}", highlight=False)
+            say(f"{k}: {v}")
         return
     from .artifacts import load_checkpoint
     from .checkpoint import describe_spec
@@ -300,15 +313,16 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
     ck = load_checkpoint(path)
     kept = {g: f"{int(m.sum())}/{m.numel()}" for g, m in ck["masks"].items()}
     method = (ck["recipe"].get("prune") or {}).get("method")
-    console.print(f"format: {ck['format']}\nrecipe: {ck['recipe'].get('name')}\nmodel: {describe_spec(ck['model'])}\n"
-                  f"method: {method}{' (user code, not imported)' if is_code_string(method or '') else ''}\n"
-                  f"epoch: {ck.get('epoch')}\nmetrics: {ck.get('metrics')}\nkept channels: {kept}", highlight=False)
+    for line in (f"format: {ck['format']}", f"recipe: {ck['recipe'].get('name')}", f"model: {describe_spec(ck['model'])}",
+                 f"method: {method}{' (user code, not imported)' if is_code_string(method or '') else ''}",
+                 f"epoch: {ck.get('epoch')}", f"metrics: {ck.get('metrics')}", f"kept channels: {kept}"):
+        say(line)
     if "weight_masks" in ck:
         from .prune.weights import unpack_masks
 
         wm = unpack_masks(ck["weight_masks"])
         kept_w = sum(int(m.sum()) for m in wm.values())
-        console.print(f"kept weights: {kept_w}/{sum(m.numel() for m in wm.values())} (conv + linear)", highlight=False)
+        say(f"kept weights: {kept_w}/{sum(m.numel() for m in wm.values())} (conv + linear)")
 
 
 def main() -> None:
@@ -331,21 +345,22 @@ def main() -> None:
     os._exit(code)
 
 
-def _main() -> None:
+def _main(argv: list[str] | None = None) -> None:
+    """The command line ``argv`` (default: the process's), errors reported as :func:`main` says."""
     from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, SnnCompressError, first_line
 
     # torch warns on every run of a custom op that Triton (a GPU compiler) is missing: noise on CPU
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except SnnCompressError as e:
         if _state["debug"]:
             raise
         # escaped: rich would take a message's own brackets ("snncompress[openvino]", a path) for markup
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(Text("error: ", style="bold red") + Text(printable(e)), soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        say("interrupted", stderr=True)
         sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
         raise
@@ -357,6 +372,7 @@ def _main() -> None:
             sys.exit(e.exit_code)
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]internal error:[/] {escape(first_line(e))} (a bug in snncompress, not in your input; "
-                          "rerun with --debug for the traceback and please report it)", highlight=False, soft_wrap=True)
+        err_console.print(Text("internal error: ", style="bold red") + Text(printable(first_line(e)) + (
+            " (a bug in snncompress, not in your input; rerun with --debug for the traceback and please report it)")),
+            soft_wrap=True)
         sys.exit(EXIT_INTERNAL)

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .artifacts import write_json, write_text
+from .artifacts import check_output, locked, write_json, write_text
 from .checkpoint import build_model, model_spec
 from .config import STRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
 from .data import encode, load_dataset
@@ -118,8 +118,9 @@ def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list
     ``baseline`` (default: the recipe's) adds one dense run per seed as the reference row ``dense``. User code
     the recipe names is trusted for the call, as ``run`` trusts it.
     """
+    out = check_output(out_dir, directory=True)
     with trusted(*recipe.user_code()):
-        return _compare(recipe, Path(out_dir), methods, keeps, seeds, baseline, progress, log, settings)
+        return _compare(recipe, out, methods, keeps, seeds, baseline, progress, log, settings)
 
 
 def _compare(recipe: Recipe, out: Path, methods: list[str], keeps: list[float] | None, seeds: int,
@@ -138,6 +139,13 @@ def _compare(recipe: Recipe, out: Path, methods: list[str], keeps: list[float] |
     seed_list = list(range(recipe.seed, recipe.seed + seeds))
     densities = {k: weight_density_for_keep(recipe, k) for k in keeps} \
         if any(METHODS.meta(m)["family"] == "unstructured" for m in methods) else {}
+    with locked(out):  # a second compare into the same directory is refused
+        return _variants(recipe, out, methods, keeps, seed_list, densities, baseline, progress, log, settings)
+
+
+def _variants(recipe: Recipe, out: Path, methods: list[str], keeps: list[float], seed_list: list[int],
+              densities: dict[float, float], baseline: bool, progress: bool, log: Callable[[str], None],
+              settings: BenchSettings | None) -> dict:
     rows = []
     for keep in keeps:
         density = densities.get(keep)

@@ -12,14 +12,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from .errors import RecipeError
 from .legacy import translate_model, translate_prune
 from .registry import BUDGET_UNITS, METHODS, MODELS, is_code_string
-from .schema import (Fraction, FractionOpen, NonNegative, NonNegativeInt, OpenUnit, Positive, PositiveInt, Section,
-                     format_error, option_errors)
+from .schema import (Fraction, FractionOpen, NonNegative, NonNegativeInt, OpenUnit, Positive, PositiveInt, Section, Seed,
+                     at_most, format_error, option_errors)
+
+# Upper bounds on the numbers that size an allocation, far above any real recipe (README: Recipes)
+MAX_T = 4096
+MAX_BATCH = 65_536
+MAX_WORKERS = 256
+
+
+def _run_name(v: str) -> str:
+    # runs/<name> is the default output directory: the name must stay one plain directory name inside runs/
+    if not v or v in (".", "..") or "/" in v or "\\" in v or not v.isprintable() or len(v.encode()) > 200:
+        raise ValueError("must be a plain directory name (at most 200 bytes; no '/', '\\', '..' or control "
+                         "characters): runs/<name> is the default output directory")
+    return v
+
+
+RunName = Annotated[str, AfterValidator(_run_name)]
 
 
 def _round_to(v: Any) -> int | str:
@@ -83,14 +99,14 @@ class DataCfg(Section):
 
     name: Literal["digits", "mnist5k", "cifar10", "cifar100", "frames"] = "digits"
     root: str | None = None  # cifar10/cifar100: the extracted archive (binary or python layout); frames: a folder
-    T: PositiveInt = 4  # time steps; for frames it must match the files
+    T: Annotated[PositiveInt, at_most(MAX_T)] = 4  # time steps; for frames it must match the files
     # direct: the normalised image at every step; poisson: rate-coded spikes of the [0, 1] image;
     # frames: the data already has a time axis (event frames)
     encoding: Literal["direct", "poisson", "frames"] = "direct"
     test_fraction: OpenUnit = 0.2  # when the data has no test split
-    batch_size: PositiveInt = 64
+    batch_size: Annotated[PositiveInt, at_most(MAX_BATCH)] = 64
     augment: bool | None = None  # random crop (padding 4) + horizontal flip; default on for CIFAR
-    workers: NonNegativeInt = 0  # DataLoader worker processes
+    workers: Annotated[NonNegativeInt, at_most(MAX_WORKERS)] = 0  # DataLoader worker processes
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataCfg":
@@ -277,8 +293,8 @@ class DeployCfg(Section):
     """Where the compressed model runs: what latency budgets are measured on and what `run` benches."""
 
     runtime: Literal[RUNTIMES] = "onnxruntime"  # openvino needs: pip install 'snncompress[openvino]'
-    batch_size: PositiveInt = 32  # the batch a latency budget is measured at
-    threads: PositiveInt | None = None  # intra-op threads; null: every core this process may use
+    batch_size: Annotated[PositiveInt, at_most(MAX_BATCH)] = 32  # the batch a latency budget is measured at
+    threads: Annotated[PositiveInt, at_most(MAX_WORKERS)] | None = None  # intra-op threads; null: every core this process may use
 
 
 class ExportCfg(Section):
@@ -288,8 +304,8 @@ class ExportCfg(Section):
 
 
 class Recipe(Section):
-    name: str = "run"
-    seed: NonNegativeInt = 0
+    name: RunName = "run"
+    seed: Seed = 0
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
     train: TrainCfg = TrainCfg()
@@ -361,8 +377,30 @@ def _expanded_nodes(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
     return memo[key]
 
 
+def _duplicate_key(node: yaml.Node, seen: set[int]) -> str | None:
+    """``line N: duplicate key 'k' (first on line M)`` for the first mapping that repeats a key (YAML loaders keep
+    the last value silently), else None."""
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                line = key.start_mark.line + 1
+                if key.value in first:
+                    return f"line {line}: duplicate key {key.value!r:.60} (first on line {first[key.value]})"
+                first[key.value] = line
+            children += [key, value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    return next((d for d in (_duplicate_key(c, seen) for c in children) if d), None)
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file (at most 1 MiB and 100,000 nodes with aliases expanded)."""
+    """Read and validate a YAML recipe file (at most 1 MiB and 100,000 nodes with aliases expanded, no key twice in
+    a section)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -375,6 +413,9 @@ def load_recipe(path: str | Path) -> Recipe:
         if node is not None and _expanded_nodes(node, {}, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
             raise RecipeError(f"{path}: YAML aliases expand to more than {MAX_RECIPE_NODES:,} nodes; refused "
                               "(a recipe needs a few dozen)")
+        duplicate = _duplicate_key(node, set()) if node is not None else None
+        if duplicate:
+            raise RecipeError(f"{path}: {duplicate}; a key may appear once per section")
         data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)

@@ -30,6 +30,8 @@ def translate_prune(data: dict) -> dict:
     """A prune section with the flat method fields of 0.1.0 moved, dropped or refused (``LEGACY_PRUNE``)."""
     data = dict(data)
     method = data.get("method", "sca")
+    if not all(isinstance(data.get(k) or {}, dict) for k in ("options", "pq")):
+        return data  # not mappings: the schema refuses them, naming the field
     options, pq = dict(data.get("options") or {}), dict(data.get("pq") or {})
     for old, (default, owners, new) in LEGACY_PRUNE.items():
         if old not in data:

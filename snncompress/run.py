@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 from . import distributed
-from .artifacts import load_checkpoint, write_json
+from .artifacts import check_output, load_checkpoint, locked, write_json
 from .checkpoint import check_model_options, recipe_of
 from .config import Recipe
 from .data import load_dataset
@@ -86,6 +87,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, progress: bool = True, res
 def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Callable[[str], None]) -> dict | None:
     main = distributed.is_main()
     log = log if main else (lambda _: None)
+    check_output(out.root, directory=True)
     if recipe.prune is None:
         raise SnnCompressError("run needs a prune section (a recipe with prune: null has nothing to slim; use train)")
     require_runtime(recipe.deploy.runtime)  # the bench runs on it: fail before training, not after
@@ -99,42 +101,43 @@ def _run(recipe: Recipe, out: RunLayout, progress: bool, resume: bool, log: Call
         if previous.get("recipe") != recipe_json:
             raise SnnCompressError(f"{out.status}: this run used a different recipe; resume with the same one")
         status["stages"] = previous.get("stages", {})
-    distributed.barrier()  # every rank has read run.json before rank 0 rewrites it
-    save_status = (lambda: write_json(status, out.status)) if main else (lambda: None)
+    with locked(out.root) if main else nullcontext():  # a second run into the same directory is refused
+        distributed.barrier()  # every rank has read run.json before rank 0 rewrites it
+        save_status = (lambda: write_json(status, out.status)) if main else (lambda: None)
 
-    checkpoints = {"slim": out.slim, "dense": out.ckpt, **({"baseline": out.baseline_ckpt} if recipe.baseline else {})}
-    outputs = {"train": out.ckpt, "baseline": out.baseline_ckpt, "slim": out.slim, "export": out.onnx["slim"],
-               "bench": out.bench}
-    actions = {
-        "train": lambda: train(recipe, out.train_dir, progress=progress, resume=resume),
-        "baseline": lambda: train(recipe.dense(), out.baseline_dir, progress=progress, resume=resume),
-        "slim": lambda: slim_checkpoint(out.ckpt, out.slim),
-        "export": lambda: export_all(checkpoints, out.onnx, nir=(out.slim, out.nir) if recipe.export.nir else None),
-        "bench": lambda: bench_models({k: (p, out.onnx[k]) for k, p in checkpoints.items()}, out.root),
-    }
-    for stage in STAGES:
-        if stage == "baseline" and not recipe.baseline:
-            continue
-        done = status["stages"].get(stage, {}).get("status") == "done" and outputs[stage].exists()
-        if distributed.is_distributed() and stage in DISTRIBUTED_STAGES:
-            distributed.check_agree("done" if done else "to do", f"the state of stage {stage}",
-                                    "every rank must see the same run directory (across nodes: a shared filesystem)")
-        elif distributed.is_distributed():
-            distributed.shutdown()  # training is over: the other ranks leave, rank 0 goes on alone
-            if not main:
-                return None
-        if done:
-            log(f"{stage}: done, skipped")
-            continue
-        log(stage)
-        status["stages"][stage] = {"status": "running", "started": time.time()}
-        save_status()
-        try:
-            actions[stage]()
-        except BaseException:
-            status["stages"][stage]["status"] = "failed"
+        checkpoints = {"slim": out.slim, "dense": out.ckpt, **({"baseline": out.baseline_ckpt} if recipe.baseline else {})}
+        outputs = {"train": out.ckpt, "baseline": out.baseline_ckpt, "slim": out.slim, "export": out.onnx["slim"],
+                   "bench": out.bench}
+        actions = {
+            "train": lambda: train(recipe, out.train_dir, progress=progress, resume=resume),
+            "baseline": lambda: train(recipe.dense(), out.baseline_dir, progress=progress, resume=resume),
+            "slim": lambda: slim_checkpoint(out.ckpt, out.slim),
+            "export": lambda: export_all(checkpoints, out.onnx, nir=(out.slim, out.nir) if recipe.export.nir else None),
+            "bench": lambda: bench_models({k: (p, out.onnx[k]) for k, p in checkpoints.items()}, out.root),
+        }
+        for stage in STAGES:
+            if stage == "baseline" and not recipe.baseline:
+                continue
+            done = status["stages"].get(stage, {}).get("status") == "done" and outputs[stage].exists()
+            if distributed.is_distributed() and stage in DISTRIBUTED_STAGES:
+                distributed.check_agree("done" if done else "to do", f"the state of stage {stage}",
+                                        "every rank must see the same run directory (across nodes: a shared filesystem)")
+            elif distributed.is_distributed():
+                distributed.shutdown()  # training is over: the other ranks leave, rank 0 goes on alone
+                if not main:
+                    return None
+            if done:
+                log(f"{stage}: done, skipped")
+                continue
+            log(stage)
+            status["stages"][stage] = {"status": "running", "started": time.time()}
             save_status()
-            raise
-        status["stages"][stage].update(status="done", finished=time.time())
-        save_status()
-    return json.loads(out.bench.read_text())
+            try:
+                actions[stage]()
+            except BaseException:
+                status["stages"][stage]["status"] = "failed"
+                save_status()
+                raise
+            status["stages"][stage].update(status="done", finished=time.time())
+            save_status()
+        return json.loads(out.bench.read_text())

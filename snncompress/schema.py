@@ -3,12 +3,19 @@ bounded number types, the strict section base, and one-line, field-path error me
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from .errors import RecipeError
 from .legacy import LEGACY_PRUNE
+
+
+def _finite(v: float) -> None:
+    # a float field accepts "inf" and "nan" from YAML (.inf, .nan): no network trains with either
+    if math.isnan(v) or math.isinf(v):
+        raise ValueError("must be a finite number")
 
 
 def _fraction(v: float) -> float:
@@ -24,12 +31,14 @@ def _fraction_open(v: float) -> float:
 
 
 def _positive(v: float) -> float:
+    _finite(v)
     if not v > 0:
         raise ValueError("must be > 0")
     return v
 
 
 def _above_one(v: float) -> float:
+    _finite(v)
     if not v > 1:
         raise ValueError("must be > 1")
     return v
@@ -42,9 +51,20 @@ def _open_unit(v: float) -> float:
 
 
 def _non_negative(v: float) -> float:
+    _finite(v)
     if not v >= 0:
         raise ValueError("must be >= 0")
     return v
+
+
+def at_most(limit: int | float) -> AfterValidator:
+    """An upper bound, for numbers that size an allocation (time steps, widths, batches, processes): a typo or
+    a hostile recipe is refused with the bound instead of exhausting memory."""
+    def check(v):
+        if v > limit:
+            raise ValueError(f"must be at most {limit:,}")
+        return v
+    return AfterValidator(check)
 
 
 Fraction = Annotated[float, AfterValidator(_fraction)]
@@ -55,6 +75,8 @@ NonNegative = Annotated[float, AfterValidator(_non_negative)]
 NonNegativeInt = Annotated[int, AfterValidator(_non_negative)]
 OpenUnit = Annotated[float, AfterValidator(_open_unit)]
 AboveOne = Annotated[float, AfterValidator(_above_one)]
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+Seed = Annotated[NonNegativeInt, at_most(MAX_SEED)]
 
 
 class Section(BaseModel):

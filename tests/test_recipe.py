@@ -55,7 +55,7 @@ def test_negative_lr_and_zero_T():
 
 
 def test_bad_layer_entry():
-    assert "model.layers.1: must be a positive int (conv width) or 'M'" in _model_error({"layers": [8, "X"]})
+    assert "model.layers.1: must be a conv width (an int in [1, 16,384]) or 'M'" in _model_error({"layers": [8, "X"]})
     assert "model.layers: needs at least one conv width" in _model_error({"layers": ["M"]})
 
 

@@ -213,10 +213,59 @@ def read_nir(path: str | os.PathLike):
     if not path.is_file():
         raise SnnCompressError(f"{path}: no such NIR file")
     try:
+        problem = _hdf5_problem(path)
+    except Exception as e:  # not HDF5 at all, truncated, ...
+        raise SnnCompressError(f"{path}: not a readable NIR file ({first_line(e)})") from e
+    if problem:
+        raise SnnCompressError(f"{path}: refused: {problem} (nothing of it was loaded)")
+    try:
         with _quiet():
             return nir.read(path)
     except Exception as e:  # h5py, nir and numpy raise many types on a damaged file
         raise SnnCompressError(f"{path}: not a readable NIR file ({first_line(e)})") from e
+
+
+MAX_NIR_BYTES = 256 << 20  # every dataset and attribute of a NIR file, as read into memory (VGG-16: about 60 MB)
+MAX_NIR_OBJECTS = 100_000
+
+
+def _hdf5_problem(path: Path) -> str | None:
+    """What makes an HDF5 file unsafe for ``nir.read`` (None if nothing), found from its declarations alone:
+    links to other files or paths (never followed), datasets stored in other files, more data than any network
+    holds (declared sizes: a small file can declare gigabytes of compressed or fill-value data)."""
+    import h5py
+
+    total, seen = 0, 0
+    with h5py.File(path, "r") as f:
+        groups = [f]
+        while groups:
+            group = groups.pop()
+            for obj in [group, *(group[name] for name in group if not _link_problem(group, name))]:
+                seen += 1
+                if seen > MAX_NIR_OBJECTS:
+                    return f"more than {MAX_NIR_OBJECTS:,} HDF5 objects"
+                total += sum(obj.attrs.get_id(k).get_storage_size() for k in obj.attrs)
+                if isinstance(obj, h5py.Dataset):
+                    if obj.external:
+                        return f"dataset {obj.name!r:.80} is stored in other files (HDF5 external storage)"
+                    total += obj.size * obj.dtype.itemsize
+                elif obj is not group:
+                    groups.append(obj)
+            bad = next((p for p in (_link_problem(group, name) for name in group) if p), None)
+            if bad:
+                return bad
+            if total > MAX_NIR_BYTES:
+                return f"its datasets and attributes declare more than {MAX_NIR_BYTES:,} bytes"
+    return None
+
+
+def _link_problem(group, name: str) -> str | None:
+    import h5py
+
+    link = group.get(name, getlink=True)
+    if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+        return f"{group.name.rstrip('/')}/{name!s:.60} is an HDF5 {type(link).__name__} (never followed)"
+    return None
 
 
 def read_nir_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -4,15 +4,17 @@ mode 'm'; graph tracing needs single-step mode 's'), and replacing a submodule b
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from ..schema import Positive
+from ..schema import Positive, at_most
 
-Width = Positive  # the registered models' width multiplier: every channel count times it (rounded, at least 1)
+# the registered models' width multiplier: every channel count times it (rounded, at least 1); bounded, as it
+# sizes every layer
+Width = Annotated[Positive, at_most(64)]
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import torch.nn as nn
 from pydantic import AfterValidator, PlainValidator
 from spikingjelly.activation_based import functional, layer
 
-from ..schema import PositiveInt
+from ..schema import PositiveInt, at_most
 from ..registry import register_model
 from .modules import StagedSNN, Width
 from .neuron import NeuronCfg, make_neuron
@@ -18,15 +18,21 @@ POOLS = ("max", "avg")  # "avg": what NIR and neuromorphic chips accept (they ha
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
+MAX_CHANNELS = 16_384  # a conv's width (times model.width): a bound that stops runaway allocations
+MAX_LAYERS = 512
+
+
 def _layer(v: Any) -> int | str:
-    if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+    if v == "M" or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_CHANNELS):
         return v
-    raise ValueError("must be a positive int (conv width) or 'M' (2x2 pool, see model.pool)")
+    raise ValueError(f"must be a conv width (an int in [1, {MAX_CHANNELS:,}]) or 'M' (2x2 pool, see model.pool)")
 
 
 def _has_a_conv(layers: list) -> list:
     if not any(isinstance(v, int) for v in layers):
         raise ValueError("needs at least one conv width (an int)")
+    if len(layers) > MAX_LAYERS:
+        raise ValueError(f"at most {MAX_LAYERS} entries")
     return layers
 
 
@@ -79,7 +85,7 @@ class SpikingVGG(StagedSNN):
 
 @register_model("vgg")
 def vgg(in_channels: int, num_classes: int, layers: Layers = (64, 128, "M", 256, "M", 256),
-        neuron: NeuronCfg = NeuronCfg(), width: Width = 1.0, readout_pool: PositiveInt = 1,
+        neuron: NeuronCfg = NeuronCfg(), width: Width = 1.0, readout_pool: Annotated[PositiveInt, at_most(64)] = 1,
         pool: Pool = "max") -> SpikingVGG:
     """Spiking VGG with configurable widths (``"M"`` = 2x2 pool, ``pool``: max or avg, "avg" for NIR: chips have
     no max pooling), each scaled by ``width``; the readout averages the last feature map to ``readout_pool`` x

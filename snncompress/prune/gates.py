@@ -150,6 +150,11 @@ def get_masks(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.T
 
 def set_masks(model: nn.Module, groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> None:
     gates = gate_modules(model)
+    names = [g.name for g in groups]
+    if set(masks) != set(names):
+        odd = sorted(set(names) - set(masks)) or sorted(set(masks) - set(names))
+        raise MaskError(f"masks must name every channel group ({', '.join(names)}), "
+                        f"{'missing' if set(names) - set(masks) else 'unknown'}: {', '.join(map(str, odd))[:80]}")
     for g in groups:
         mask = masks[g.name]
         if mask.shape != (g.size,):

@@ -28,6 +28,7 @@ from scipy.optimize import nnls
 
 from ..config import DeployCfg, Recipe
 from ..data import graph_input, to_steps
+from ..errors import SnnCompressError
 from ..export.onnx import unrolled_onnx
 from ..export.unroll import steps_unroll_exactly
 from ..prune.blocks import ceil_to, channel_block
@@ -168,6 +169,7 @@ class LatencyCost(CostUnit):
                                    show).to_dict()
 
     def load_measurement(self, data: dict) -> None:
+        self._check({**data, "dense": data.get("dense_ms")})
         self.fit = LatencyFit.from_dict(data)
 
     def state_dict(self) -> dict:
@@ -176,8 +178,40 @@ class LatencyCost(CostUnit):
                 "tables": {n: t.to_dict() for n, t in f.tables.items()}, "calibration": f.calibration}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check(state)
         self.fit = LatencyFit({n: LatencyTable(**t) for n, t in state["tables"].items()}, state["dense"],
                               state["scale"], state["elem"], state.get("calibration", []))
+
+    def _check(self, state: object) -> None:
+        """Refuse measured latencies (a checkpoint's) that no selection can use, naming what is wrong."""
+        problem = _fit_problem(state, [lay.name for lay in self.layers])
+        if problem:
+            raise SnnCompressError(f"latency tables: {problem}")
+
+
+def _fit_problem(state: object, layers: list[str]) -> str | None:
+    finite = lambda v, lo=0.0: type(v) in (int, float) and math.isfinite(v) and v >= lo  # noqa: E731
+    if not isinstance(state, dict) or not isinstance(state.get("tables"), dict):
+        return "must be a mapping with tables per layer"
+    if not all(finite(state.get(k)) for k in ("dense", "scale", "elem")) or not state["dense"] > 0:
+        return "dense (> 0), scale and elem must be finite numbers >= 0"
+    missing = [n for n in layers if n not in state["tables"]]
+    if missing:
+        return f"no table for layer {missing[0]}"
+    for name, t in state["tables"].items():
+        if not (isinstance(t, dict) and set(t) == {"grid_in", "grid_out", "ms", "block"}):
+            return f"{name}: a table holds grid_in, grid_out, ms and block"
+        grids = t["grid_in"], t["grid_out"]
+        if not all(isinstance(g, list) and g and all(type(v) is int and v > 0 for v in g)
+                   and all(a < b for a, b in zip(g, g[1:])) for g in grids):
+            return f"{name}: grid_in and grid_out must be non-empty ascending lists of channel counts"
+        ms = t.get("ms")
+        if not (isinstance(ms, list) and len(ms) == len(grids[0]) and all(
+                isinstance(row, list) and len(row) == len(grids[1]) and all(finite(v) for v in row) for row in ms)):
+            return f"{name}: ms must be a grid_in x grid_out table of finite times >= 0"
+        if not (type(t.get("block")) is int and t["block"] >= 1):
+            return f"{name}: block must be an int >= 1"
+    return None
 
 
 def layer_graph(layer: Layer, a: int, b: int, batch: int) -> bytes:

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 from .. import __version__
-from ..artifacts import load_checkpoint, write_json, write_text
+from ..artifacts import check_output, load_checkpoint, write_json, write_text
 from ..checkpoint import model_from_checkpoint, recipe_of
 from ..config import DeployCfg, Recipe
 from ..data import encode, eval_batches, load_dataset
@@ -188,11 +188,11 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
     batch sizes timed are 1, 32 and the recipe's ``deploy.batch_size``; a structured recipe's budget (unit,
     target, what the slim model reached) is reported under ``budget``. ``trust_factory``: see
     :func:`snncompress.load_model`."""
+    out_dir = check_output(out_dir, directory=True)
     recipe = recipe_of(load_checkpoint(Path(models["dense"][0])))
     settings = settings or BenchSettings.from_deploy(recipe.deploy)
     require_runtime(settings.runtime)
     batches = timed_batches(recipe)
-    out_dir = Path(out_dir)
     measured = {k: bench_model(Path(ckpt), Path(onnx_path), settings, trust_factory, batches)
                 for k, (ckpt, onnx_path) in models.items()}
     speedup = {b: measured["dense"]["latency_ms"][b]["median"] / measured["slim"]["latency_ms"][b]["median"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..artifacts import atomic_path, load_checkpoint, sha256
+from ..artifacts import atomic_path, check_output, load_checkpoint, sha256
 from ..checkpoint import model_from_checkpoint, recipe_of
 from ..data import eval_batches, graph_input, load_dataset, to_steps
 from ..errors import SnnCompressError, VerificationError, first_line
@@ -43,9 +43,9 @@ def _source(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None, su
             trust_factory: bool) -> tuple[Path, Path, dict, nn.Module]:
     """``(checkpoint path, output path (default: the checkpoint's with suffix), checkpoint, model)`` of an export."""
     ckpt_path = Path(ckpt_path)
+    out_path = check_output(out_path or ckpt_path.with_suffix(suffix), directory=False, inputs=(ckpt_path,))
     ckpt = load_checkpoint(ckpt_path)
-    return (ckpt_path, Path(out_path) if out_path else ckpt_path.with_suffix(suffix), ckpt,
-            model_from_checkpoint(ckpt, str(ckpt_path), trust_factory))
+    return ckpt_path, out_path, ckpt, model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
 
 
 def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import CKPT_FORMAT, SLIM_FORMAT, load_checkpoint, save_torch, sha256
+from ..artifacts import CKPT_FORMAT, SLIM_FORMAT, check_output, load_checkpoint, save_torch, sha256
 from ..checkpoint import example_input, model_from_checkpoint, recipe_of
 from ..data import encode, load_dataset
 from ..errors import SnnCompressError, VerificationError
@@ -39,7 +39,7 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
     the first differing layer, and nothing is written. ``trust_factory``: see :func:`snncompress.load_model`.
     """
     ckpt_path = Path(ckpt_path)
-    out_path = Path(out_path) if out_path else ckpt_path.with_name("slim.pt")
+    out_path = check_output(out_path or ckpt_path.with_name("slim.pt"), directory=False, inputs=(ckpt_path,))
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["format"] != CKPT_FORMAT:
         raise SnnCompressError(f"{ckpt_path}: already slim (format {ckpt['format']}); slim takes a training checkpoint")

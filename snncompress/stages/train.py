@@ -8,7 +8,7 @@ import json
 import math
 import random
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +22,7 @@ from spikingjelly.activation_based import functional
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .. import __version__, distributed
-from ..artifacts import CKPT_FORMAT, load_checkpoint, remove_temporaries, save_torch, write_text
+from ..artifacts import CKPT_FORMAT, check_output, load_checkpoint, locked, remove_temporaries, save_torch, write_text
 from ..checkpoint import build_model, check_model_options, load_weights, model_spec, recipe_of
 from ..config import Recipe, TrainCfg
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
@@ -157,13 +157,13 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume: bo
     User code the recipe names (a model factory, a method, a budget unit) is trusted for the call: the
     recipe is what the user runs.
     """
-    with distributed.session(), deterministic_algorithms(), trusted(*recipe.user_code()):
-        return _train(recipe, out_dir, progress, resume)
+    out_dir = check_output(out_dir, directory=True)
+    with distributed.session(), deterministic_algorithms(), trusted(*recipe.user_code()), ExitStack() as hold:
+        return _train(recipe, out_dir, progress, resume, hold)
 
 
-def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) -> TrainResult:
+def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: ExitStack) -> TrainResult:
     multi, rank, main = distributed.is_distributed(), distributed.rank(), distributed.is_main()
-    out_dir = Path(out_dir)
     check_model_options(recipe)
     seed_everything(recipe.seed)
     data: Dataset = load_dataset(recipe.data, recipe.seed)
@@ -171,9 +171,12 @@ def _train(recipe: Recipe, out_dir: str | Path, progress: bool, resume: bool) ->
     T, enc = recipe.data.T, recipe.data.encoding
     groups = channel_groups(model, example)
     unit = build_unit(model, groups, example, recipe) if recipe.prune else None  # may refuse: before any write
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a recipe whose weights do not fit writes nothing
-    if main:  # what a killed run was writing when it died
+    # only now: a recipe whose weights do not fit writes nothing
+    if main:  # the one writer: a second process training into out_dir is refused; then what a killed run left
+        hold.enter_context(locked(out_dir))
         remove_temporaries(out_dir)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
     opt = make_optimizer(model, recipe.train)
@@ -399,10 +402,21 @@ def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics
         # written before the surgery by an older version, with the masks already final: the surgery now
         final = pruner.freeze(epoch + 1) if pruner is not None and recipe.train.slim_finetune else None
         index = slim(final) if final is not None else None
-    metrics = []
-    if metrics_path.exists():
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:epoch + 1]
-    return epoch + 1, float(state["best_acc"]), metrics, index
+    return epoch + 1, float(state["best_acc"]), _metrics_until(metrics_path, epoch), index
+
+
+def _metrics_until(path: Path, epoch: int) -> list[dict]:
+    """The metrics of epochs 0..``epoch`` that a checkpoint of ``epoch`` wrote before itself (later lines are of
+    epochs a kill cut short); refused in one line if they are not there."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:epoch + 1]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SnnCompressError(f"{path}: cannot resume without the metrics of the checkpoint's epochs "
+                               f"({type(e).__name__}: missing or corrupt)") from e
+    if len(rows) != epoch + 1 or not all(isinstance(r, dict) and r.get("epoch") == i for i, r in enumerate(rows)):
+        raise SnnCompressError(f"{path}: cannot resume: it must hold epochs 0-{epoch} in order (the checkpoint's), "
+                               f"found {len(rows)} lines")
+    return rows
 
 
 def _restore_pruner(path: Path, ckpt: dict, pruner: Pruner | None) -> None:
@@ -411,6 +425,8 @@ def _restore_pruner(path: Path, ckpt: dict, pruner: Pruner | None) -> None:
             pruner.load_state_dict(ckpt["train_state"]["pruner"], ckpt["masks"], ckpt["history"])
         except MaskError as e:
             raise SnnCompressError(f"{path}: its masks do not match this model ({e})") from e
+        except SnnCompressError as e:  # e.g. a cost unit's measurement that no selection can use
+            raise SnnCompressError(f"{path}: {e}") from e
 
 
 def _train_state_problem(state: object, pruned: bool) -> str | None:
@@ -450,5 +466,7 @@ def _history(pruner: Pruner | None) -> list[dict]:
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
+    # the description is the recipe's name: plain text, never markup
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False), disable=not enabled,
+                    transient=False)
