@@ -235,9 +235,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if problem:
         raise SnnCompressError(f"{path}: {problem}")
     try:
-        parse_recipe(ckpt["recipe"], "recipe")
+        recipe = parse_recipe(ckpt["recipe"], "recipe")
     except RecipeError as e:  # the file's fault, not the command line's: exit 1, naming the file
         raise SnnCompressError(f"{path}: its {e}") from e
+    if (ckpt["data"]["T"], ckpt["data"]["encoding"]) != (recipe.data.T, recipe.data.encoding):
+        raise SnnCompressError(f"{path}: data.T and data.encoding ({ckpt['data']['T']}, {ckpt['data']['encoding']}) "
+                               f"differ from its recipe's ({recipe.data.T}, {recipe.data.encoding})")
     return ckpt
 
 
