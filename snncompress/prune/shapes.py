@@ -21,6 +21,11 @@ from .gates import strip_gates
 KeptIndex = dict[str, list[list[int] | None]]
 
 
+def removed_channels(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per channel group, the channels a surgery removes (what ``removed`` of a checkpoint lists)."""
+    return {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()}
+
+
 def gather(t: torch.Tensor, kept: list[list[int] | None]) -> torch.Tensor:
     """``t`` cut to the kept indices of each dimension."""
     for dim, idx in enumerate(kept):

@@ -16,7 +16,7 @@ from ..errors import SnnCompressError, VerificationError
 from ..evaluation import Equivalence, compare_models
 from ..metrics import count_macs, count_params
 from ..prune.gates import gate_modules, neuron_of
-from ..prune.shapes import apply_index
+from ..prune.shapes import apply_index, removed_channels
 from ..prune.surgery import kept_index
 
 
@@ -53,7 +53,7 @@ def slim_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | 
         state = apply_index(copy.deepcopy(masked), index).state_dict()
     # weight masks are in dense shapes; the slim weights carry the pruned entries as zeros instead
     out = {**{k: v for k, v in ckpt.items() if k != "weight_masks"}, "format": SLIM_FORMAT, "state_dict": state,
-           "kept_index": index, "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()},
+           "kept_index": index, "removed": removed_channels(masks),
            "source_sha256": sha256(ckpt_path)}
     # what is verified is the model as slim.pt will load it (rebuilt from its shapes, no surgery)
     reloaded = model_from_checkpoint(out, str(out_path), trust_factory)

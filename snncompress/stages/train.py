@@ -35,7 +35,7 @@ from ..prune.gates import ChannelGroup, get_masks, neuron_of
 from ..prune.costs import CostUnit, build_unit
 from ..prune.groups import channel_groups
 from ..prune.pruner import Pruner, build_pruner
-from ..prune.shapes import KeptIndex, apply_index, slice_optimizer
+from ..prune.shapes import KeptIndex, apply_index, removed_channels, slice_optimizer
 from ..prune.surgery import kept_index
 from ..registry import trusted
 
@@ -200,7 +200,7 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
                         pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0)
     augment = recipe.data.augments and enc != "frames"
     # the BatchNorm scales that train.l1_gamma penalises, found once rather than at every step
-    gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    gammas = _bn_gammas(model)
     # bf16 autocast on GPUs; CPU training stays fp32 (bitwise-deterministic runs and resumes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -212,7 +212,7 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
         nonlocal gammas
         checked = (data.x_test[:recipe.data.batch_size], T, enc) if check else None
         cut = _slim_network(model, opt, masks, groups, example, checked)
-        gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+        gammas = _bn_gammas(model)
         if multi:
             distributed.check_agree(json.dumps({n: list(t.shape) for n, t in model.state_dict().items()}),
                                     "the slim network's shapes")
@@ -303,7 +303,7 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
             if main:  # the other ranks never write, so no file is ever half-written by two processes
                 masks = pruner.masks if pruner else get_masks(model, groups)
                 slimmed = {} if index is None else {
-                    "kept_index": index, "removed": {g: (~m).nonzero().flatten().tolist() for g, m in masks.items()}}
+                    "kept_index": index, "removed": removed_channels(masks)}
                 ckpt = {**base, "state_dict": model.state_dict(), "masks": masks, **slimmed,
                         "history": _history(pruner), "metrics": row, "epoch": epoch,
                         **(pruner.checkpoint_entries() if pruner else {}),
@@ -324,6 +324,11 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
     distributed.barrier()  # every rank returns once rank 0's files are complete
     budget = next((h["budget"] for h in reversed(_history(pruner)) if "budget" in h), None)
     return TrainResult(out_dir, ckpt_path, best_path, metrics, budget)
+
+
+def _bn_gammas(model: nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm scales that ``train.l1_gamma`` penalises (found again after the slim fine-tune's surgery)."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
 
 
 def _slim_network(model: nn.Module, opt: torch.optim.Optimizer, masks: dict[str, torch.Tensor],
