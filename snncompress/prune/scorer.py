@@ -51,6 +51,10 @@ class Scorer:
         """Term added to the training loss (e.g. an L1 penalty); 0 for most methods."""
         return torch.zeros(())
 
+    def after_backward(self) -> None:
+        """Called after every training backward of a scoring epoch, with the gradients on the parameters (averaged
+        over processes under torchrun), before the optimiser steps: a gradient-based score accumulates here."""
+
     def activate(self, on: bool) -> None:
         """Gather statistics (``on``) or not; a scorer whose hooks cost extra (stored potentials, a twin
         neuron) turns that cost off here."""

@@ -76,6 +76,8 @@ class ChannelPruner:
     def after_backward(self) -> None:
         if self._final is not None:
             return
+        if self._scoring:
+            self.scorer.after_backward()
         for g in self.groups:
             for name in g.gates:
                 gate = self._gates[name].gate
