@@ -7,8 +7,8 @@ over seeds) and ``compare.png`` (accuracy vs SOPs and vs latency, with the Paret
 
 How ``--keep k`` maps to a budget:
 
-- structured methods keep the fraction ``k`` of the conv channels (``prune.keep = k``; ``prune.regrow``
-  scaled by ``k / recipe keep`` so regrowth is the same share of the kept channels);
+- structured methods keep the fraction ``k`` of the conv channels (``prune.keep = k``; a recipe's ``prune.regrow``
+  scaled by ``k / recipe keep`` so regrowth is the same share of the kept channels, or each method's default);
 - unstructured methods get the same number of weights: ``prune.sparsity = 1 - D(k)``, where ``D(k)`` is the
   fraction of conv + linear weights left in the architecture slimmed *uniformly* to ``k`` of every
   group's channels (at least ``min_channels``) -- e.g. about ``k^2`` for a plain VGG.
@@ -72,9 +72,9 @@ def variant_recipe(recipe: Recipe, method: str, keep: float, seed: int, density:
             raise ValueError("variant_recipe: an unstructured method needs the weight density D(keep)")
         prune.update({k: defaults[k] for k in STRUCTURED_ONLY}, sparsity=max(0.0, 1.0 - density))
     else:
-        # regrowth stays the same share of the kept channels as in the recipe
-        share = defaults["regrow"] / defaults["keep"] if base.unstructured else base.regrow / base.keep
-        prune.update(keep=keep, regrow=share * keep, sparsity=None)
+        # regrowth stays the same share of the kept channels as in the recipe (unset: each method's default)
+        regrow = None if base.unstructured or base.regrow is None else base.regrow / base.keep * keep
+        prune.update(keep=keep, regrow=regrow, sparsity=None)
     if method != base.method:  # another method's options are not this one's
         prune["options"] = {}
     data = {**recipe.model_dump(mode="json"), "name": f"{recipe.name}-{method}-keep{keep:g}-seed{seed}",

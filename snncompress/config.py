@@ -127,6 +127,16 @@ class OptimizerCfg(Section):
     lr: Positive = 0.1
     momentum: FractionOpen = 0.9
     weight_decay: NonNegative = 5e-4
+    # false: BatchNorm gamma and beta get no weight decay (so an L1 penalty on gamma, train.l1_gamma, can make it sparse)
+    bn_decay: bool = True
+
+
+class DistillCfg(Section):
+    """Knowledge distillation from the starting weights (``model.weights``, frozen, eval mode): the loss is
+    ``(1 - alpha) * CE + alpha * temperature^2 * KL(teacher || student)`` over logits softened by ``temperature``."""
+
+    alpha: Fraction = 0.5
+    temperature: Positive = 4.0
 
 
 class TrainCfg(Section):
@@ -139,9 +149,11 @@ class TrainCfg(Section):
     l1_gamma: NonNegative = 0.0
     # once the channel masks are final, remove the closed channels and fine-tune the slim network (its own cost)
     slim_finetune: bool = True
+    distill: DistillCfg | None = None  # needs model.weights: the teacher is the network training starts from
 
 
-STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to", "sop_hold", "pq")  # channel budgets;
+STRUCTURED_ONLY = ("keep", "regrow", "budget", "budget_unit", "round_to", "sop_hold", "pq", "min_fraction", "allocation",
+                   "recalibrate_bn")  # channel budgets;
 # unstructured methods set sparsity
 
 
@@ -207,13 +219,21 @@ class PruneCfg(Section):
     # budget_unit sops: weight of the loss term (SOPs / target - 1)^2 that holds the SOPs on the target
     # once the masks reach it (training after the selection moves the firing); 0: off
     sop_hold: NonNegative = 10.0
-    regrow: FractionOpen = 0.1  # structured: fraction of all channels chosen by regrowth signal, inside `keep`
+    # structured: fraction of all channels chosen by the regrowth signal, inside `keep`; null: the method's default
+    # (`regrow_fraction`); 0: none
+    regrow: FractionOpen | None = None
     sparsity: FractionOpen | None = None  # unstructured (required): target fraction of conv+linear weights removed
     warmup_epochs: NonNegativeInt = 2  # epochs before the first update (dense; pq: sparse from epoch 0)
     ramp_epochs: NonNegativeInt = 8  # cubic ramp of the budget to its target; 0 = one-shot (pq: sparse from the start)
     finetune_epochs: NonNegativeInt = 5  # last epochs with frozen masks
     update_every: PositiveInt = 1  # epochs between mask updates
     min_channels: PositiveInt = 2  # never fewer channels in a group (unstructured: non-empty filters per layer)
+    min_fraction: FractionOpen = 0.0  # structured: nor fewer than this fraction of a group's channels (rounded up)
+    # structured: one ranking of all channels (global) or every group keeping the same fraction of its own (layer)
+    allocation: Literal["global", "layer"] = "global"
+    # structured: after every mask update, BatchNorm statistics are re-estimated over this many training batches
+    # (forward only, no gradient), so the next evaluation and the next window see the new network's; 0: off
+    recalibrate_bn: Annotated[NonNegativeInt, at_most(MAX_BATCH)] = 8
     # round each group's kept channels up to a multiple (8 or 16 suit SIMD units); auto: the channel block of
     # deploy.runtime on this CPU (docs/methods.md, "Channel blocks")
     round_to: Annotated[int | str, PlainValidator(_round_to)] = 1
@@ -228,6 +248,15 @@ class PruneCfg(Section):
     @property
     def unstructured(self) -> bool:
         return self.family == "unstructured"
+
+    @property
+    def regrow_fraction(self) -> float:
+        """``regrow``, or the method's default: its declared share of the kept channels times ``keep`` (criticality:
+        5 %, its paper's), else 0.1 of all channels, at most a third of ``keep``."""
+        if self.regrow is not None:
+            return self.regrow
+        share = METHODS.meta(self.method).get("regrow_share") if self.method in METHODS else None
+        return share * self.keep if share is not None else min(0.1, self.keep / 3)
 
     @model_validator(mode="before")
     @classmethod
@@ -261,8 +290,10 @@ class PruneCfg(Section):
 
     @model_validator(mode="after")
     def _regrow_inside_keep(self) -> "PruneCfg":
-        if self.regrow >= self.keep:
+        if self.regrow is not None and self.regrow >= self.keep:
             raise ValueError(f"regrow: must be < keep ({self.keep}), got {self.regrow}")
+        if self.budget == "pq" and self.allocation != "global":
+            raise ValueError("allocation: budget pq shares the budget between groups itself; use allocation: global")
         if self.budget != "pq" and self.pq != PQIndex():
             raise ValueError("pq: only for budget: pq (method pq takes its constants in prune.options)")
         return self
@@ -316,6 +347,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "Recipe":
+        if self.train.distill is not None and self.model.weights is None:
+            raise ValueError("train.distill: needs model.weights (the teacher is the network training starts from)")
         p = self.prune
         if p is None:
             return self

@@ -125,15 +125,17 @@ MODELS = Registry("model", {
     **{f"{p}resnet{d}": (f"{_RESNET}:{p}resnet{d}", {}) for p in ("", "sew_") for d in (18, 19, 20)},
 })
 
-# a method's metadata, readable without importing it: its family, its options model (torch-free), and
-# "ramp": False for a method at its target from the first epoch; register_method derives the same from the class
+# a method's metadata, readable without importing it: its family, its options model (torch-free), "ramp": False
+# for a method at its target from the first epoch, and "regrow_share": its default regrowth part of the kept
+# channels (prune.regrow unset); register_method derives the same from the class
 _S, _U, _OPT = {"family": "structured"}, {"family": "unstructured"}, "snncompress.prune.options"
 METHODS = Registry("pruning method", {
     "sca": ("snncompress.prune.sca:ActivityScorer", _S),
     "random": ("snncompress.prune.baselines:RandomScorer", _S),
     "l1": ("snncompress.prune.baselines:L1Scorer", _S),
     "bn": ("snncompress.prune.baselines:BNScorer", _S),
-    "criticality": ("snncompress.prune.criticality:CriticalityScorer", {**_S, "options": f"{_OPT}:CriticalityOptions"}),
+    "criticality": ("snncompress.prune.criticality:CriticalityScorer",
+                    {**_S, "options": f"{_OPT}:CriticalityOptions", "regrow_share": 0.05}),
     "criticality_unstructured": ("snncompress.prune.unstructured:CriticalityWeightPruner",
                                  {**_U, "options": f"{_OPT}:CriticalityWeightOptions"}),
     "pq": ("snncompress.prune.unstructured:PQWeightPruner", {**_U, "options": f"{_OPT}:PQOptions", "ramp": False}),
@@ -159,8 +161,8 @@ def register_method(name: str, family: str = "structured") -> Callable:
     ``family="structured"``: a :class:`~snncompress.prune.scorer.Scorer` subclass (it scores channels;
     selection, schedule and gates are shared). ``family="unstructured"``: a class implementing the
     :class:`~snncompress.prune.pruner.Pruner` protocol itself (weight masks). The class's ``Options`` (a pydantic
-    model of the method's own options, ``prune.options``) and ``ramps = False`` (at its target from the first
-    epoch) are recorded with it.
+    model of the method's own options, ``prune.options``), ``ramps = False`` (at its target from the first
+    epoch) and ``regrow_share`` (its default regrowth part of the kept channels) are recorded with it.
     """
     if family not in FAMILIES:
         raise ValueError(f"register_method: family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -172,6 +174,8 @@ def register_method(name: str, family: str = "structured") -> Callable:
             meta["options"] = f"{options.__module__}:{options.__qualname__}"
         if getattr(cls, "ramps", True) is False:
             meta["ramp"] = False
+        if getattr(cls, "regrow_share", None) is not None:
+            meta["regrow_share"] = cls.regrow_share
         return METHODS.register(name, **meta)(cls)
     return deco
 

@@ -14,6 +14,7 @@ from snncompress.prune.baselines import BNScorer, L1Scorer, RandomScorer
 from snncompress.prune.pruner import build_pruner
 from snncompress import registry
 from snncompress.prune.criticality import CriticalityScorer, criticality, membrane_before_fire
+from snncompress.prune.options import CriticalityOptions
 from snncompress.prune.gates import ChannelGroup, attach_gates
 from snncompress.prune.pq import pq_index, pq_prune_ratio
 from snncompress.prune.select import pq_budgets, select_masks_budgeted
@@ -208,7 +209,8 @@ def test_criticality_scorer_mean_t_max_space_mean_samples():
     img = torch.tensor([[[[2.0, 0.0]], [[1.0, 0.0]]], [[[0.0, 0.0]], [[0.0, 1.0]]]])
     x = img.unsqueeze(0).repeat(2, 1, 1, 1, 1)
     net = _GateLIF(2)
-    scorer = CriticalityScorer(net, [ChannelGroup("g", 2, ["conv"], ["bn"], ["spike.gate"])], PruneCfg())
+    scorer = CriticalityScorer(net, [ChannelGroup("g", 2, ["conv"], ["bn"], ["spike.gate"])],
+                               CriticalityOptions(measure="training"))
     # max over space per sample, then mean over samples: ch0 (1 + c_rest)/2, ch1 (m + m)/2 with m = 0.453451
     m = (c_half + c_quarter) / 2
     net.train()
@@ -251,19 +253,24 @@ class _Tiny(nn.Module):
         return self.spike(self.bn(self.conv(x)))
 
 
-@pytest.mark.parametrize("method, regrown", [("criticality", 3), ("bn", 2)])
-def test_criticality_regrowth_uses_criticality(method, regrown):
+@pytest.mark.parametrize("method, measure, regrown", [("criticality", "update", 3), ("criticality", "training", 3),
+                                                      ("bn", None, 2)])
+def test_criticality_regrowth_uses_criticality(method, measure, regrown):
     # gamma = [4, 3, 2, 1]: |gamma| keeps ch0, ch1. beta = [0, 0, -5, 2]: ch3's input 2 puts H at threshold
     # (criticality 1), ch2's input -5 far below (H0 = -2.5 -> c ~ 0.008). The default regrowth signal
     # |dL/dgate| favours ch2 (100 vs 0). keep 3 of 4, regrow 1: criticality regrows ch3, bn ch2.
+    # Criticality is measured either at the update over the training batches in eval mode (the BN then uses its
+    # running statistics, 0 and 1: its output is beta again) or in the window's training steps.
     net = _Tiny()
     with torch.no_grad():
         net.bn.weight.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0]))
         net.bn.bias.copy_(torch.tensor([0.0, 0.0, -5.0, 2.0]))
     groups = [ChannelGroup("conv", 4, ["conv"], ["bn"], ["spike.gate"])]
     cfg = PruneCfg(method=method, keep=0.75, regrow=0.25, warmup_epochs=0, ramp_epochs=1, finetune_epochs=0,
-                   min_channels=1)
-    pruner = build_pruner(net, groups, cfg, epochs=1)
+                   min_channels=1, options={"measure": measure} if measure else {}, recalibrate_bn=0)
+    seen = []
+    pruner = build_pruner(net, groups, cfg, epochs=1,
+                          batches=lambda n: seen.append((n, net.training)) or [torch.ones(2, 3, 1, 2, 2)])
     net.train()
     net(torch.ones(2, 3, 1, 2, 2))
     functional.reset_net(net)
@@ -273,6 +280,7 @@ def test_criticality_regrowth_uses_criticality(method, regrown):
     expected = [True, True, False, False]
     expected[regrown] = True
     assert entry["masks"]["conv"].tolist() == expected
+    assert seen == ([(None, False)] if measure == "update" else [])  # the whole training set, in eval mode
     pruner.remove()
 
 
@@ -358,7 +366,7 @@ def test_random_scores_seeded_fresh_each_window():
 
 def test_recipe_fields_validated():
     r = parse_recipe({"prune": {"method": "criticality", "budget": "pq"}})
-    assert r.prune.options == {"l1_gamma": 1e-4} and (r.prune.pq.p, r.prune.pq.q, r.prune.pq.beta) == (0.5, 1.0, 0.9)
+    assert r.prune.options == {"l1_gamma": 1e-4, "measure": "update", "batches": None} and (r.prune.pq.p, r.prune.pq.q, r.prune.pq.beta) == (0.5, 1.0, 0.9)
     assert {m for m in registry.list_methods() if registry.METHODS.meta(m)["family"] == "structured"} == \
         {"sca", "random", "l1", "bn", "criticality"}
     pq = {"method": "sca", "budget": "pq"}
@@ -382,7 +390,7 @@ def test_older_flat_method_fields_are_translated_once_or_refused_with_the_new_sp
     # a recipe (or a checkpoint's recipe) of snncompress <= 0.1.0 states every flat field; defaults are dropped
     old = {"method": "criticality", "l1_gamma": 1e-3, "weight_regrow": 0.5, "scope": "layer", "er_init": True,
            "pq_p": 0.5, "pq_q": 1.0, "pq_eta": 0.0, "pq_gamma": 1.0, "pq_beta": 0.9}
-    assert parse_recipe({"prune": old}).prune.options == {"l1_gamma": 1e-3}
+    assert parse_recipe({"prune": old}).prune.options == {"l1_gamma": 1e-3, "measure": "update", "batches": None}
     pq = parse_recipe({"prune": {"method": "pq", "sparsity": 0.5, "scope": "neuron", "pq_eta": 0.001,
                                  "warmup_epochs": 1}}).prune.options
     assert (pq["scope"], pq["eta"], pq["er_init"]) == ("neuron", 0.001, True)

@@ -75,6 +75,8 @@ def _pruned_model(method: str, epochs: int = 3):
 
     torch.manual_seed(0)
     family = {"sparsity": 0.5} if method in ("pq", "criticality_unstructured") else {"keep": 0.5, "regrow": 0.1}
+    if method == "criticality":  # measured in the training steps (the paper's measure at the update runs no step)
+        family["options"] = {"measure": "training"}
     recipe = parse_recipe({**TINY, "train": {"epochs": epochs}, "prune": {
         "method": method, **family, "warmup_epochs": 1, "ramp_epochs": 1, "finetune_epochs": 1, "min_channels": 1}})
     model = sc.create_model("vgg", in_channels=1, num_classes=10, layers=[8, 8])

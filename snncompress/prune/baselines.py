@@ -19,7 +19,8 @@ from .scorer import Scorer, member_modules
 
 @register_method("random")
 class RandomScorer(Scorer):
-    """Uniform random scores, drawn afresh for each update window from a generator seeded by the recipe seed.
+    """Uniform random scores, drawn afresh for each update window from a generator seeded by the recipe seed; the
+    regrowth share is chosen by the same scores, so the kept channels are a uniform random draw.
 
     Drawn at construction and at :meth:`reset`, so :meth:`scores` is stable within a window and a run is
     reproducible.
@@ -35,6 +36,11 @@ class RandomScorer(Scorer):
 
     def scores(self) -> dict[str, torch.Tensor]:
         return {n: s.clone() for n, s in self._scores.items()}
+
+    def regrowth_scores(self) -> dict[str, torch.Tensor]:
+        # the regrowth share is drawn from the same scores: every kept channel is random (a control that shares
+        # no signal with the other methods, unlike the default |dL/dgate| regrowth)
+        return self.scores()
 
     def state_dict(self) -> dict:
         return {"generator": self._gen.get_state(), "scores": self.scores()}

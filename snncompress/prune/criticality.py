@@ -87,8 +87,10 @@ def _twin(node: neuron.BaseNode) -> neuron.BaseNode:
 class CriticalityScorer(BNScorer):
     """Keep by |gamma| (:class:`BNScorer`); regrow by criticality; L1 penalty on gamma.
 
-    Criticality of channel c, per training batch: ``criticality(H)`` averaged over T, max over (h, w),
-    then averaged over the samples of every batch in the update window (and over member neurons).
+    Criticality of channel c, per sample: ``criticality(H)`` averaged over T, max over (h, w); then averaged over
+    the samples (and member neurons). As the paper measures it (``options.measure: update``): at each mask update,
+    the network in eval mode, over the training set (``options.batches``: its first n batches). ``measure:
+    training``: over the training batches of the update window, in train mode, as they are trained on.
 
     H is measured on the gate's *input* (the BN output) through a twin of the neuron, not on the gated
     neuron itself: for an open channel that is the same input, the same state and the same dynamics, so
@@ -98,10 +100,12 @@ class CriticalityScorer(BNScorer):
     """
 
     Options = CriticalityOptions
+    regrow_share = 0.05  # the paper's: 5 % of the kept channels are regrown by criticality
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
         super().__init__(model, groups, options, seed)
         self._criticality = ChannelMeans(groups, model_device(model))
+        self._measuring = False
         self._handles = []
         for g in groups:
             for gate_name, gate in zip(g.gates, member_modules(model, g.gates)):
@@ -113,7 +117,8 @@ class CriticalityScorer(BNScorer):
         alpha = twin.surrogate_function.alpha
 
         def hook(module: nn.Module, args, out) -> None:
-            if not (self.active and module.training):  # the twin neuron runs only in scoring epochs
+            # the twin neuron runs only while measuring: at the update, or in the training steps of a scoring epoch
+            if not (self._measuring or (self.options.measure == "training" and self.active and module.training)):
                 return
             x = args[0].detach()
             with torch.no_grad():
@@ -125,6 +130,15 @@ class CriticalityScorer(BNScorer):
                 per_sample = c.mean(0).flatten(2).amax(2)  # [N, C]: mean over T, max over space
             self._criticality.add(group, per_sample.sum(0), per_sample.shape[0])
         return hook
+
+    def measure(self, forward) -> None:
+        if self.options.measure != "update":
+            return
+        self._measuring = True
+        try:
+            forward(self.options.batches, False)
+        finally:
+            self._measuring = False
 
     def criticality_scores(self) -> dict[str, torch.Tensor]:
         return self._criticality.means()

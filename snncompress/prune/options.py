@@ -25,6 +25,10 @@ class CriticalityOptions(MethodOptions):
     """``criticality`` (Chen et al.)."""
 
     l1_gamma: float = Field(1e-4, ge=0)  # weight of the L1 penalty on BN gamma in the loss
+    # update: at each mask update, in eval mode over the training set (the paper's); training: in train mode over
+    # the training batches of the update window (cheaper for a large training set)
+    measure: Literal["update", "training"] = "update"
+    batches: int | None = Field(None, ge=1, le=1 << 20)  # measure update: the first n training batches; null: all
 
 
 class CriticalityWeightOptions(MethodOptions):

@@ -22,7 +22,7 @@ from .costs.unit import CostUnit
 from .gates import ChannelGroup
 from .options import MethodOptions
 from .scorer import Scorer
-from .structured import ChannelPruner
+from .structured import Batches, ChannelPruner
 
 Reduce = Callable[[list[torch.Tensor]], None]  # sums tensors over processes in place (torchrun)
 
@@ -91,17 +91,19 @@ def resolve_method(method: str, trust: bool = False) -> type:
 
 def build_pruner(model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
                  optimizer: torch.optim.Optimizer | None = None, trust: bool = False,
-                 unit: CostUnit | None = None) -> Pruner:
+                 unit: CostUnit | None = None, batches: Batches | None = None) -> Pruner:
     """The training-time pruner of ``cfg.method`` on a gated model, with the method's own options
     (``prune.options``, checked by its ``Options`` model) and the cost ``unit`` of ``prune.budget_unit``
-    (:func:`~snncompress.prune.costs.build_unit`; None for channels)."""
+    (:func:`~snncompress.prune.costs.build_unit`; None for channels). ``batches(n)`` gives the first ``n`` training
+    batches (None: all), encoded, on the model's device: a structured method measures on them at an update
+    (criticality) and re-estimates BatchNorm statistics after one (``prune.recalibrate_bn``)."""
     cls = resolve_method(cfg.method, trust)
     options = validate_options(getattr(cls, "Options", MethodOptions), cfg.options, "prune.options")
     if isinstance(cls, type) and issubclass(cls, Scorer):
         if cfg.sparsity is not None:
             raise SnnCompressError(f"prune.sparsity: method {cfg.method} is structured (a Scorer): set keep, not "
                                    "sparsity")
-        return ChannelPruner(model, groups, cfg, epochs, seed, cls, unit, options)
+        return ChannelPruner(model, groups, cfg, epochs, seed, cls, unit, options, batches)
     if unit is not None:
         raise SnnCompressError(f"prune.budget_unit {cfg.budget_unit}: method {cfg.method} selects its own masks; "
                                "budgets in a cost unit need a Scorer (e.g. sca, criticality, random)")

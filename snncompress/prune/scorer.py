@@ -13,6 +13,8 @@ if any, are a pydantic model ``Options`` read from the recipe's ``prune.options`
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from pydantic import BaseModel
@@ -34,6 +36,7 @@ class Scorer:
 
     Options: type[BaseModel] = MethodOptions
     active = True
+    regrow_share: float | None = None  # the default regrowth part of the kept channels (None: prune.regrow's default)
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], options: BaseModel | None = None, seed: int = 0):
         self.model, self.groups, self.seed = model, groups, seed
@@ -50,6 +53,11 @@ class Scorer:
     def penalty(self) -> torch.Tensor:
         """Term added to the training loss (e.g. an L1 penalty); 0 for most methods."""
         return torch.zeros(())
+
+    def measure(self, forward: Callable[[int | None, bool], None]) -> None:
+        """Called at each mask update before :meth:`scores`: a method that scores from a pass over training data at
+        the update (criticality) calls ``forward(batches, train)``, which runs the network without gradient over
+        the first ``batches`` training batches (None: all) in train or eval mode."""
 
     def after_backward(self) -> None:
         """Called after every training backward of a scoring epoch, with the gradients on the parameters (averaged

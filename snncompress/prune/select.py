@@ -10,25 +10,40 @@ import torch
 from .pq import pq_index, pq_prune_ratio
 
 
+def group_floor(size: int, min_channels: int, min_fraction: float = 0.0) -> int:
+    """Channels a group of ``size`` always keeps: ``min_channels``, or ``ceil(min_fraction * size)`` if more (never
+    more than the group)."""
+    return min(size, max(min_channels, math.ceil(min_fraction * size - 1e-9)))
+
+
 def select_masks(
     activity: dict[str, torch.Tensor],
     regrowth: dict[str, torch.Tensor],
     keep_fraction: float,
     regrow_fraction: float,
     min_channels: int,
+    min_fraction: float = 0.0,
+    allocation: str = "global",
 ) -> dict[str, torch.Tensor]:
-    """Global keep-masks: the most active channels, plus the best regrowth candidates.
+    """Keep-masks: the most active channels, plus the best regrowth candidates.
 
-    ``keep_fraction`` of all channels is kept. First every group keeps its ``min_channels`` most
-    active channels (so no layer dies); the rest of the activity share
-    (``keep_fraction - regrow_fraction``) goes to the globally most active channels; the remaining
-    budget (``regrow_fraction`` of all channels) to the channels with the largest regrowth signal
-    among those not yet kept. Ties break towards the lower channel index.
+    ``keep_fraction`` of all channels is kept, ``regrow_fraction`` of all channels of them by the regrowth signal
+    (the same share of the kept ones in every group). ``allocation="layer"``: every group keeps the same fraction
+    of its own channels (:func:`layer_budgets`) and ranks only its own (:func:`select_masks_budgeted`).
+    ``"global"``: first every group keeps its floor (:func:`group_floor`) of most active channels (so no layer
+    dies); the rest of the activity share (``keep_fraction - regrow_fraction``) goes to the globally most active
+    channels; the remaining budget to the channels with the largest regrowth signal among those not yet kept.
+    Ties break towards the lower channel index.
     """
+    if allocation == "layer":
+        budgets = layer_budgets(activity, keep_fraction, min_channels, min_fraction)
+        share = regrow_fraction / keep_fraction if keep_fraction > 0 else 0.0
+        return select_masks_budgeted(activity, regrowth, budgets, share, min_channels, min_fraction)
     names = list(activity)
     sizes = [activity[n].numel() for n in names]
     total = sum(sizes)
-    floor = sum(min(min_channels, s) for s in sizes)
+    floors = [group_floor(s, min_channels, min_fraction) for s in sizes]
+    floor = sum(floors)
     n_keep = min(total, max(floor, round(keep_fraction * total)))
     n_regrow = min(round(regrow_fraction * total), n_keep - floor)
 
@@ -37,8 +52,7 @@ def select_masks(
     keep = torch.zeros(total, dtype=torch.bool)
     offsets = [0, *itertools.accumulate(sizes)]
 
-    for i, size in enumerate(sizes):
-        k = min(min_channels, size)
+    for i, k in enumerate(floors):
         top = top_k(act[offsets[i]:offsets[i + 1]], k)
         keep[offsets[i] + top] = True
 
@@ -60,10 +74,11 @@ def pq_budgets(
     gamma: float = 1.0,
     beta: float = 0.9,
     masks: dict[str, torch.Tensor] | None = None,
+    min_fraction: float = 0.0,
 ) -> dict[str, int]:
     """Channels each group keeps: its PQ budget (docs/methods.md, our structured extension), scaled to the schedule.
 
-    For group l of size d_l, with o_l open channels (``masks``; all if None) and m_l = min(min_channels, d_l):
+    For group l of size d_l, with o_l open channels (``masks``; all if None) and m_l its floor (:func:`group_floor`):
     ``ratio_l = pq_prune_ratio(pq_index(scores_l[open]), o_l)`` -- the index over the unmasked entries, as
     Diao et al. and Shen et al. compute it, so the stale or zero scores of closed channels do not count --
     and the raw budget is ``b_l = max(m_l, ceil((1 - ratio_l) * o_l))``: the part of the open channels
@@ -74,7 +89,7 @@ def pq_budgets(
     scores are concentrated on few channels (high PQ index) thus keeps a smaller share than one with flat scores.
     """
     names = list(scores)
-    sizes, lo, raw = pq_raw_budgets(scores, min_channels, p, q, eta, gamma, beta, masks)
+    sizes, lo, raw = pq_raw_budgets(scores, min_channels, p, q, eta, gamma, beta, masks, min_fraction)
     k = min(sum(sizes), max(sum(lo), round(keep_fraction * sum(sizes))))
 
     def shares(c: float) -> list[float]:
@@ -95,10 +110,11 @@ def pq_budgets(
 
 
 def pq_raw_budgets(scores: dict[str, torch.Tensor], min_channels: int, p: float, q: float, eta: float, gamma: float,
-                   beta: float, masks: dict[str, torch.Tensor] | None) -> tuple[list[int], list[int], list[int]]:
+                   beta: float, masks: dict[str, torch.Tensor] | None,
+                   min_fraction: float = 0.0) -> tuple[list[int], list[int], list[int]]:
     """``(d_l, m_l, b_l)`` per group of :func:`pq_budgets`: sizes, floors and raw PQ budgets."""
     sizes = [s.numel() for s in scores.values()]
-    lo = [min(min_channels, d) for d in sizes]
+    lo = [group_floor(d, min_channels, min_fraction) for d in sizes]
     open_scores = [s.flatten()[masks[n]] if masks is not None else s.flatten() for n, s in scores.items()]
     ratios = [pq_prune_ratio(pq_index(s, p, q), s.numel(), p, q, eta, gamma, beta) for s in open_scores]
     # ceil with a tolerance: a 2-sparse flat vector has ratio 0.5 in exact arithmetic, 0.4999999999999999 in floats
@@ -117,24 +133,33 @@ def select_masks_budgeted(
     budgets: dict[str, int],
     regrow_share: float,
     min_channels: int,
+    min_fraction: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Per-group keep-masks with a fixed number of channels per group (e.g. from :func:`pq_budgets`).
 
     Group l keeps ``budgets[l]`` channels: ``r_l = min(round(regrow_share * budgets[l]), budgets[l] - m_l)``
-    (m_l = min(min_channels, size)) of them chosen by the regrowth signal among the channels not chosen
+    (m_l its floor, :func:`group_floor`) of them chosen by the regrowth signal among the channels not chosen
     by score, the others by score. ``regrow_share`` is the regrowth part of the kept channels
     (``regrow / keep``), the same in every group. Ties break towards the lower channel index.
     """
     out = {}
     for n, s in scores.items():
         size, n_keep = s.numel(), budgets[n]
-        n_regrow = max(0, min(round(regrow_share * n_keep), n_keep - min(min_channels, size)))
+        n_regrow = max(0, min(round(regrow_share * n_keep), n_keep - group_floor(size, min_channels, min_fraction)))
         keep = torch.zeros(size, dtype=torch.bool)
         keep[top_k(s.double().flatten(), n_keep - n_regrow)] = True
         if n_regrow > 0:
             keep[top_k(regrowth[n].double().flatten().masked_fill(keep, -math.inf), n_regrow)] = True
         out[n] = keep
     return out
+
+
+def layer_budgets(scores: dict[str, torch.Tensor], keep_fraction: float, min_channels: int,
+                  min_fraction: float = 0.0) -> dict[str, int]:
+    """Channels each group keeps when every group keeps the same fraction: ``round(keep_fraction * d_l)`` (halves
+    up), at least its floor (:func:`group_floor`)."""
+    return {n: max(group_floor(s.numel(), min_channels, min_fraction), math.floor(keep_fraction * s.numel() + 0.5))
+            for n, s in scores.items()}
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 from pydantic import BaseModel
+from spikingjelly.activation_based import functional
 
 from ..config import PruneCfg
 from .blocks import resolve_round_to
@@ -16,6 +17,10 @@ from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_mas
 from .schedule import is_scoring_epoch, is_update_epoch, keep_fraction_at, ramp_remaining
 from .scorer import Scorer, model_device
 from .select import pq_budgets, pq_raw_budgets, pq_shares, round_masks, select_masks, select_masks_budgeted
+
+
+# the first n training batches (None: all), encoded and on the model's device, the same ones at every call
+Batches = Callable[[int | None], Iterable[torch.Tensor]]
 
 
 class ChannelPruner:
@@ -34,8 +39,10 @@ class ChannelPruner:
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int,
-                 scorer: type[Scorer], unit: CostUnit | None = None, options: BaseModel | None = None):
+                 scorer: type[Scorer], unit: CostUnit | None = None, options: BaseModel | None = None,
+                 batches: Batches | None = None):
         self.model, self.groups, self.cfg, self.epochs = model, groups, cfg, epochs
+        self._batches = batches
         self.round_to = resolve_round_to(cfg.round_to)
         self.unit = unit
         self.budget = Budget(unit, groups, self.round_to) if unit is not None else None
@@ -101,12 +108,15 @@ class ChannelPruner:
             return None
         keep = keep_fraction_at(self.cfg, epoch)
         old = self.masks
+        self.scorer.measure(self._forward)
         if reduce is not None:  # under torchrun every rank selects from the statistics of all ranks
             reduce(self.statistics())
         scores, grow = self.scorer.scores(), self.scorer.regrowth_scores()
         grow = {n: r.cpu() for n, r in self._regrowth.items()} if grow is None else grow
         new, budget = self._select(keep, ramp_remaining(self.cfg, epoch), scores, grow, old)
         set_masks(self.model, self.groups, new)
+        if self.cfg.recalibrate_bn and self._batches is not None and any(not torch.equal(old[n], new[n]) for n in new):
+            recalibrate_bn(self.model, lambda: self._forward(self.cfg.recalibrate_bn, train=True))
         self._freeze_closed(new)
         self.scorer.reset()
         for r in self._regrowth.values():
@@ -124,6 +134,28 @@ class ChannelPruner:
         self._hold_budget()
         return entry
 
+    def _forward(self, batches: int | None, train: bool = False) -> None:
+        """Run the network without gradient over the first ``batches`` training batches (None: all of them), in
+        train or eval mode, with the statistics of scorer and cost unit off (a scorer that measures here, e.g.
+        criticality, records through its own switch)."""
+        if self._batches is None:
+            raise ValueError("this pruner has no training batches to measure on (build_pruner(batches=...))")
+        was = self.model.training
+        self.model.train(train)
+        self.scorer.activate(False)
+        if self.unit is not None:
+            self.unit.activate(False)
+        try:
+            with torch.no_grad():
+                for x in self._batches(batches):
+                    self.model(x)
+                    functional.reset_net(self.model)
+        finally:
+            self.model.train(was)
+            self.scorer.activate(self._scoring)
+            if self.unit is not None:
+                self.unit.activate(self._scoring)
+
     def _hold_budget(self) -> None:
         if self.unit is not None:
             self.unit.hold(self.masks if self.at_target() else None, self.cfg.keep * self.unit.dense)
@@ -133,25 +165,30 @@ class ChannelPruner:
         """New masks at the schedule's ``keep`` (``remaining`` of the ramp left), and what the budget was in
         its unit (None for channels)."""
         c, budget = self.cfg, self.budget
-        share = c.regrow / c.keep  # the regrowth part of what is kept, the same at every step of the ramp
+        share = c.regrow_fraction / c.keep  # the regrowth part of what is kept, the same at every step of the ramp
+        floor = (c.min_channels, c.min_fraction)
+
+        def by_fraction(fraction: float) -> dict[str, torch.Tensor]:
+            return select_masks(scores, grow, fraction, share * fraction, *floor, allocation=c.allocation)
+
         if budget is None:
             if c.budget == "pq":
-                budgets = pq_budgets(scores, keep, c.min_channels, *_pq(c), old)
-                new = select_masks_budgeted(scores, grow, budgets, share, c.min_channels)
+                budgets = pq_budgets(scores, keep, c.min_channels, *_pq(c), old, c.min_fraction)
+                new = select_masks_budgeted(scores, grow, budgets, share, *floor)
             else:
-                new = select_masks(scores, grow, keep, c.regrow * keep / c.keep, c.min_channels)
+                new = by_fraction(keep)
             return (round_masks(new, scores, self.round_to) if self.round_to > 1 else new), None
         self.unit.absorb(old)
         final = c.keep * self.unit.dense
         if c.budget == "pq":
-            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, *_pq(c), old)
+            sizes, lo, raw = pq_raw_budgets(scores, c.min_channels, *_pq(c), old, c.min_fraction)
 
             def pick(scale: float) -> dict[str, torch.Tensor]:
                 counts = {n: int(x + 1e-9) for n, x in zip(scores, pq_shares(scale, sizes, lo, raw))}
-                return select_masks_budgeted(scores, grow, counts, share, c.min_channels)
+                return select_masks_budgeted(scores, grow, counts, share, *floor)
         else:
             def pick(fraction: float) -> dict[str, torch.Tensor]:
-                return select_masks(scores, grow, min(1.0, fraction), c.regrow * fraction / c.keep, c.min_channels)
+                return by_fraction(min(1.0, fraction))
         target = budget.ramp_budget(pick, final, scores, remaining)
         new = budget.select(pick, target, scores)
         selected = budget.cost(new)  # rounding up below adds what this already counts
@@ -224,6 +261,22 @@ class ChannelPruner:
         self.scorer.remove()
         if self.unit is not None:
             self.unit.remove()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, forward: Callable[[], None]) -> None:
+    """Re-estimate every BatchNorm's running statistics from scratch as the plain average over what ``forward``
+    runs through the network in train mode (after a mask change the old ones describe another network)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches
+    try:
+        forward()
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
 
 
 def _pq(cfg: PruneCfg) -> tuple[float, float, float, float, float]:

@@ -25,7 +25,7 @@ from ..errors import MaskError, SnnCompressError
 from ..registry import register_method
 from .criticality import CriticalityScorer
 from .gates import ChannelGroup, gate_modules, get_masks, kept_fraction, set_masks
-from .options import CriticalityWeightOptions, MethodOptions, PQOptions
+from .options import CriticalityOptions, CriticalityWeightOptions, MethodOptions, PQOptions
 from .pq import pq_index, pq_prune_ratio
 from .schedule import is_scoring_epoch, is_update_epoch, sparsity_at
 from .select import top_k
@@ -232,7 +232,8 @@ class CriticalityWeightPruner(WeightPruner):
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], cfg: PruneCfg, epochs: int, seed: int = 0,
                  optimizer: torch.optim.Optimizer | None = None, options: BaseModel | None = None):
-        self.scorer = CriticalityScorer(model, groups, seed=seed)
+        # measured in the training steps of the window: this pruner has no pass over the data at its updates
+        self.scorer = CriticalityScorer(model, groups, CriticalityOptions(measure="training"), seed=seed)
         super().__init__(model, groups, cfg, epochs, seed, optimizer, options)
 
     def begin_epoch(self, epoch: int) -> None:

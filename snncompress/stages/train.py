@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from .. import __version__, distributed
 from ..artifacts import CKPT_FORMAT, check_output, load_checkpoint, locked, remove_temporaries, save_torch, write_text
 from ..checkpoint import build_model, check_model_options, load_weights, model_spec, recipe_of
-from ..config import Recipe, TrainCfg
+from ..config import DistillCfg, Recipe, TrainCfg
 from ..data import EVAL_BATCH, Dataset, encode, eval_batches, load_dataset, to_steps
 from ..data.datasets import Pairs
 from ..data.augment import random_crop_flip
@@ -75,13 +75,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
-    # gates carry masks, not weights: they are never optimised
-    params = [p for n, p in model.named_parameters() if not n.endswith(".gate")]
+    """The recipe's optimiser over every parameter but the gates (they carry masks, not weights); with
+    ``optimizer.bn_decay: false`` the BatchNorm parameters are a second group without weight decay."""
     o = cfg.optimizer
+    norms = set() if o.bn_decay else {id(p) for m in model.modules()
+                                      if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    params = [p for n, p in model.named_parameters() if not n.endswith(".gate")]
+    groups = [{"params": [p for p in params if id(p) not in norms]}]
+    if norms:
+        groups.append({"params": [p for p in params if id(p) in norms], "weight_decay": 0.0})
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+    return cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
 @torch.no_grad()
@@ -117,19 +123,35 @@ def starting_model(recipe: Recipe, data: Dataset) -> tuple[dict, nn.Module, torc
     return spec, model, example, {"path": path, "sha256": load_weights(model, path)} if path else None
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``temperature^2 * KL(softmax(teacher / t) || softmax(student / t))``, mean over the batch (Hinton et al. 2015:
+    the square keeps the gradient's scale independent of the temperature)."""
+    return F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+
+
 def train_step(net: nn.Module, x_seq: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
                pruner: Pruner | None, autocast: torch.autocast, l1_gamma: float = 0.0,
-               gammas: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step with the pruner's hooks; returns (loss, correct predictions) as device tensors.
+               gammas: list[torch.Tensor] = (), teacher: nn.Module | None = None,
+               distill: DistillCfg | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step with the pruner's hooks; returns (cross-entropy loss, correct predictions) as device tensors.
 
-    The loss minimised adds the method's penalty and ``l1_gamma`` times the L1 norm of ``gammas`` (the
-    BatchNorm scales, ``train.l1_gamma``). Nothing here reads a value back to the host, so a GPU is never
-    made to wait inside the step.
+    The loss minimised is the cross-entropy, or with a ``teacher`` (``train.distill``) ``(1 - alpha)`` times it plus
+    ``alpha`` times :func:`distillation_loss` against the teacher's logits (the readout over T, like the
+    student's); plus the method's penalty and ``l1_gamma`` times the L1 norm of ``gammas`` (the BatchNorm scales,
+    ``train.l1_gamma``). Nothing here reads a value back to the host, so a GPU is never made to wait inside the step.
     """
     with autocast:
         out = net(x_seq)
         loss = F.cross_entropy(out.float(), y)
-    total = loss + pruner.penalty() if pruner else loss
+        total = loss
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x_seq).float()
+            functional.reset_net(teacher)
+            total = (1 - distill.alpha) * loss + distill.alpha * distillation_loss(out.float(), target,
+                                                                                  distill.temperature)
+    total = total + pruner.penalty() if pruner else total
     if l1_gamma:
         total = total + l1_gamma * sum(g.abs().sum() for g in gammas)
     opt.zero_grad(set_to_none=True)
@@ -169,6 +191,8 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
     data: Dataset = load_dataset(recipe.data, recipe.seed)
     spec, model, example, weights = starting_model(recipe, data)
     T, enc = recipe.data.T, recipe.data.encoding
+    # the network training starts from, frozen (train.distill): before any gate closes or weight moves
+    teacher = _frozen_copy(model) if recipe.train.distill is not None else None
     groups = channel_groups(model, example)
     unit = build_unit(model, groups, example, recipe) if recipe.prune else None  # may refuse: before any write
     # only now: a recipe whose weights do not fit writes nothing
@@ -179,11 +203,14 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
         out_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.process_device(resolve_device(recipe.train.device))
     model.to(device)
+    if teacher is not None:
+        teacher.to(device)
     opt = make_optimizer(model, recipe.train)
     pruner: Pruner | None = None
     if recipe.prune:
         # unstructured methods reset the optimiser state of the weights they rewire, so they get the optimiser
-        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt, unit=unit)
+        pruner = build_pruner(model, groups, recipe.prune, recipe.train.epochs, recipe.seed, opt, unit=unit,
+                              batches=lambda n: _first_batches(data.x_train, n, recipe, device))
     # the statistics a pruner gathers per process (summed over processes under torchrun)
     statistics = pruner.statistics if pruner is not None else list
     epochs = recipe.train.epochs
@@ -254,7 +281,7 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
                 if augment:
                     xb = random_crop_flip(xb)
                 loss, hits = train_step(net, encode(xb, T, enc), yb, opt, pruner, autocast, recipe.train.l1_gamma,
-                                        gammas)
+                                        gammas, teacher, recipe.train.distill)
                 functional.reset_net(model)
                 loss_sum += loss.detach() * len(yb)
                 correct += hits
@@ -324,6 +351,27 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
     distributed.barrier()  # every rank returns once rank 0's files are complete
     budget = next((h["budget"] for h in reversed(_history(pruner)) if "budget" in h), None)
     return TrainResult(out_dir, ckpt_path, best_path, metrics, budget)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _first_batches(x: torch.Tensor, n: int | None, recipe: Recipe, device: torch.device) -> Iterator[torch.Tensor]:
+    """The first ``n`` training batches (None: all), unshuffled and unaugmented, encoded, on ``device``; a Poisson
+    encoding draws from a forked generator, so the run's random stream is the same with or without them."""
+    size = recipe.data.batch_size
+    stop = len(x) if n is None else min(len(x), n * size)
+    state = torch.get_rng_state()
+    for i in range(0, stop, size):
+        with torch.random.fork_rng(devices=[]):  # one batch at a time: the fork never spans the caller's work
+            torch.set_rng_state(state)
+            batch = encode(x[i:i + size], recipe.data.T, recipe.data.encoding)
+            state = torch.get_rng_state()
+        yield batch.to(device)
 
 
 def _bn_gammas(model: nn.Module) -> list[torch.Tensor]:
