@@ -247,7 +247,9 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
                 seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds recipe.seed ... recipe.seed + N - 1"),
                 baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
                                                         help="Also a dense run per seed (default: the recipe's baseline)"),
-                out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/<name>-compare)")) -> None:
+                out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory (default runs/<name>-compare)"),
+                jobs: int = typer.Option(1, "--jobs", help="Variants run at once in worker processes, sharing the "
+                                         "cores and GPUs (1 to 256; 1: one after the other in this process)")) -> None:
     """Train, slim and bench every method at the same budgets and seeds; compare.json, compare.md, compare.png."""
     from .config import load_recipe
 
@@ -257,7 +259,7 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
     out = out or Path("runs") / f"{r.name}-compare"
     keeps = _csv(keep, "--keep", float) if keep is not None else None
     result = compare(r, out, _csv(methods, "--methods"), keeps, seeds, baseline,
-                     log=lambda line: say(f"▶ {line}", "bold cyan"))
+                     log=lambda line: say(f"▶ {line}", "bold cyan"), jobs=jobs)
     for line in (out / "compare.md").read_text().splitlines():
         say(line)
     say(f"wrote {out / 'compare.json'} ({len(result['rows'])} rows), {out / 'compare.md'}, "

@@ -16,8 +16,13 @@ How ``--keep k`` maps to a budget:
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import multiprocessing
+import os
 import statistics
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +32,7 @@ from .artifacts import check_output, locked, write_json, write_text
 from .checkpoint import build_model, model_spec
 from .config import STRUCTURED_ONLY, PruneCfg, Recipe, parse_recipe
 from .data import encode, load_dataset
-from .errors import SnnCompressError, VerificationError
+from .errors import SnnCompressError, UsageError, VerificationError
 from .layout import RunLayout
 from .metrics import weight_counts
 from .plots import plot_pareto
@@ -41,6 +46,7 @@ from .stages.slim import slim_checkpoint
 from .stages.train import train
 
 COMPARE_FORMAT = "snncompress.compare/1"
+MAX_JOBS = 256
 
 
 def weight_density_for_keep(recipe: Recipe, keep: float) -> float:
@@ -111,20 +117,31 @@ def _dense_reference(recipe: Recipe, seed: int, out: Path, progress: bool, setti
 
 def compare(recipe: Recipe, out_dir: str | Path, methods: list[str], keeps: list[float] | None = None,
             seeds: int = 1, baseline: bool | None = None, progress: bool = True,
-            log: Callable[[str], None] = lambda _: None, settings: BenchSettings | None = None) -> dict:
+            log: Callable[[str], None] = lambda _: None, settings: BenchSettings | None = None,
+            jobs: int = 1) -> dict:
     """Train, slim and bench every method x keep x seed; write compare.json, compare.md, compare.png.
 
     ``keeps`` default to the recipe's ``prune.keep``; seeds are ``recipe.seed ... recipe.seed + seeds - 1``;
     ``baseline`` (default: the recipe's) adds one dense run per seed as the reference row ``dense``. User code
     the recipe names is trusted for the call, as ``run`` trusts it.
+
+    ``jobs`` (1 to 256) > 1 runs the variants in that many spawned worker processes, the cores split between
+    them (torch threads) and variant i on GPU ``i % count`` where torch sees CUDA devices; the rows are the same
+    and in the same order as with ``jobs=1`` (in this process, one after the other). Workers show no progress
+    bars and ``log`` gets each variant's start and end, not its stages. A worker imports what the recipe names
+    as the parent does; a method or model registered in Python must be registered by a module the workers
+    import (a script's top level, which then needs the usual ``if __name__ == "__main__":`` guard).
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise UsageError(f"compare: --jobs must be an integer from 1 to {MAX_JOBS}, got {jobs!r}")
     out = check_output(out_dir, directory=True)
     with trusted(*recipe.user_code()):
-        return _compare(recipe, out, methods, keeps, seeds, baseline, progress, log, settings)
+        return _compare(recipe, out, methods, keeps, seeds, baseline, progress, log, settings, jobs)
 
 
 def _compare(recipe: Recipe, out: Path, methods: list[str], keeps: list[float] | None, seeds: int,
-             baseline: bool | None, progress: bool, log: Callable[[str], None], settings: BenchSettings | None) -> dict:
+             baseline: bool | None, progress: bool, log: Callable[[str], None], settings: BenchSettings | None,
+             jobs: int) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SnnCompressError(f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; "
@@ -139,45 +156,89 @@ def _compare(recipe: Recipe, out: Path, methods: list[str], keeps: list[float] |
     seed_list = list(range(recipe.seed, recipe.seed + seeds))
     densities = {k: weight_density_for_keep(recipe, k) for k in keeps} \
         if any(METHODS.meta(m)["family"] == "unstructured" for m in methods) else {}
+    # the variants, in row order: (method, keep, seed, D(keep), run directory); method "dense" is the baseline
+    variants = [(method, keep, seed, densities.get(keep), out / f"{method}-keep{keep:g}-seed{seed}")
+                for keep in keeps for seed in seed_list for method in methods]
+    variants += [("dense", 1.0, seed, None, out / f"dense-seed{seed}") for seed in seed_list] if baseline else []
     with locked(out):  # a second compare into the same directory is refused
-        return _variants(recipe, out, methods, keeps, seed_list, densities, baseline, progress, log, settings)
+        rows = _run_variants(recipe, variants, jobs, progress, log, settings)
+        result = {"format": COMPARE_FORMAT, "recipe": recipe.model_dump(mode="json"), "methods": methods,
+                  "keeps": keeps, "seeds": seed_list,
+                  "density_for_keep": {f"{k:g}": d for k, d in densities.items()}, "rows": rows}
+        write_json(result, out / "compare.json")
+        summary = summarise(rows)
+        write_text(render_compare_markdown(result, summary), out / "compare.md")
+        plot_pareto(summary, out / "compare.png", recipe.name)
+        return result
 
 
-def _variants(recipe: Recipe, out: Path, methods: list[str], keeps: list[float], seed_list: list[int],
-              densities: dict[float, float], baseline: bool, progress: bool, log: Callable[[str], None],
-              settings: BenchSettings | None) -> dict:
-    rows = []
-    for keep in keeps:
-        density = densities.get(keep)
-        for seed in seed_list:
-            for method in methods:
-                variant = variant_recipe(recipe, method, keep, seed, density)
-                run_dir = out / f"{method}-keep{keep:g}-seed{seed}"
-                log(f"{method} keep {keep:g} seed {seed} -> {run_dir}")
-                try:
-                    report = run_pipeline(variant, run_dir, progress=progress, resume=True,
-                                          log=lambda stage, m=method: log(f"{m}: {stage}"))
-                except VerificationError as e:
-                    # one variant that fails verification must not sink a long comparison: record it, go on
-                    log(f"{method}: failed: {e}")
-                    rows.append({"method": method, "keep": keep, "seed": seed, "run_dir": str(run_dir),
-                                 "error": str(e)})
-                    continue
-                rows.append(_row(method, keep, seed, variant, report, run_dir))
-    if baseline:
-        for seed in seed_list:
-            run_dir = out / f"dense-seed{seed}"
-            log(f"dense seed {seed} -> {run_dir}")
-            rows.append(_row("dense", 1.0, seed, None, _dense_reference(recipe, seed, run_dir, progress, settings),
-                             run_dir))
-    result = {"format": COMPARE_FORMAT, "recipe": recipe.model_dump(mode="json"), "methods": methods,
-              "keeps": keeps, "seeds": seed_list,
-              "density_for_keep": {f"{k:g}": d for k, d in densities.items()}, "rows": rows}
-    write_json(result, out / "compare.json")
-    summary = summarise(rows)
-    write_text(render_compare_markdown(result, summary), out / "compare.md")
-    plot_pareto(summary, out / "compare.png", recipe.name)
-    return result
+def _label(variant: tuple) -> str:
+    method, keep, seed = variant[:3]
+    return f"dense seed {seed}" if method == "dense" else f"{method} keep {keep:g} seed {seed}"
+
+
+def _run_variants(recipe: Recipe, variants: list[tuple], jobs: int, progress: bool, log: Callable[[str], None],
+                  settings: BenchSettings | None) -> list[dict]:
+    """The variants' rows, in order: one after the other here (``jobs == 1``), else in ``jobs`` worker processes
+    (no more than there are variants), each started when a worker is free. The first exception other than a
+    variant's failed verification is raised here; no variant starts after it (those running finish first)."""
+    recipe_json = recipe.model_dump(mode="json")  # workers get plain data and parse it again
+
+    def finished(i: int, row: dict) -> dict:
+        log(f"{_label(variants[i])}: " + (f"failed: {row['error']}" if "error" in row else "done"))
+        return row
+
+    if jobs == 1:
+        rows = []
+        for i, v in enumerate(variants):
+            log(f"{_label(v)} -> {v[4]}")
+            rows.append(finished(i, _run_variant(recipe_json, v, settings, progress, log=log)))
+        return rows
+    workers = min(jobs, len(variants))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    gpus = torch.cuda.device_count()
+    rows_at: dict[int, dict] = {}
+    todo = iter(enumerate(variants))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        while True:
+            for i, v in itertools.islice(todo, workers - len(running)):
+                log(f"{_label(v)} -> {v[4]}")
+                running[pool.submit(_run_variant, recipe_json, v, settings, False, threads,
+                                    i % gpus if gpus else None)] = i
+            if not running:
+                break
+            for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                i = running.pop(future)
+                rows_at[i] = finished(i, future.result())  # a worker's exception is raised here
+    return [rows_at[i] for i in range(len(variants))]
+
+
+def _run_variant(recipe_json: dict, variant: tuple, settings: BenchSettings | None, progress: bool,
+                 threads: int | None = None, gpu: int | None = None,
+                 log: Callable[[str], None] = lambda _: None) -> dict:
+    """One variant's row (a failed verification: a row with its ``error``), in this process or a worker's.
+    ``threads``: torch's intra-op threads for it; ``gpu``: the CUDA device it trains on."""
+    recipe = parse_recipe(recipe_json, "compare recipe")
+    method, keep, seed, density, run_dir = variant
+    with trusted(*recipe.user_code()):  # what the parent trusts (the contextvar does not cross processes)
+        if threads is not None:  # a worker process
+            torch.set_num_threads(threads)
+            # torch warns on every run of a custom op that Triton (a GPU compiler) is missing: silenced as the CLI does
+            logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+        if gpu is not None:  # "cuda" (train.device cuda or auto) now means this GPU. Untested: written and tested
+            torch.cuda.set_device(gpu)  # on a CPU-only machine, where this path never runs
+        if method == "dense":
+            report = _dense_reference(recipe, seed, run_dir, progress, settings)
+            return _row("dense", 1.0, seed, None, report, run_dir)
+        variant_r = variant_recipe(recipe, method, keep, seed, density)
+        try:
+            report = run_pipeline(variant_r, run_dir, progress=progress, resume=True,
+                                  log=lambda stage: log(f"{method}: {stage}"))
+        except VerificationError as e:
+            # one variant that fails verification must not sink a long comparison: record it, go on
+            return {"method": method, "keep": keep, "seed": seed, "run_dir": str(run_dir), "error": str(e)}
+        return _row(method, keep, seed, variant_r, report, run_dir)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

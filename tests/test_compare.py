@@ -2,10 +2,11 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from snncompress.compare import render_compare_markdown, summarise, variant_recipe, weight_density_for_keep
+from snncompress.compare import compare, render_compare_markdown, summarise, variant_recipe, weight_density_for_keep
 from snncompress.errors import SnnCompressError
 from snncompress.plots import pareto_front
 from snncompress.config import parse_recipe
@@ -103,3 +104,50 @@ def test_compare_refuses_bad_arguments(tmp_path, args, msg):
     res = cli("compare", recipe, *args, "-o", tmp_path / "c")
     assert res.returncode == 1 and msg in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "c" / "compare.json").exists()
+
+
+@pytest.mark.slow
+def test_compare_jobs_2_gives_the_rows_of_jobs_1_in_the_same_order(tmp_path):
+    recipe = parse_recipe(TINY)
+    rows, logs = {}, {}
+    for jobs in (2, 1):
+        logs[jobs] = []
+        rows[jobs] = compare(recipe, tmp_path / f"jobs{jobs}", ["random", "pq"], [0.5], progress=False,
+                             baseline=False, log=logs[jobs].append, jobs=jobs)["rows"]
+    # everything but wall time (latency) and the output directory is the same, row for row
+    def same(r):
+        return {**{k: v for k, v in r.items() if k not in ("latency_ms", "run_dir")}, "run_dir": Path(r["run_dir"]).name}
+    assert [same(r) for r in rows[2]] == [same(r) for r in rows[1]]
+    assert [(r["method"], r["keep"], r["seed"]) for r in rows[2]] == [("random", 0.5, 0), ("pq", 0.5, 0)]
+    assert all("error" not in r and set(r["latency_ms"]) == {"1", "32"} for r in rows[2])
+    # the parent logs every variant's start and end (the workers' stages are not shown)
+    assert sorted(logs[2]) == sorted([f"random keep 0.5 seed 0 -> {tmp_path / 'jobs2' / 'random-keep0.5-seed0'}",
+                                      f"pq keep 0.5 seed 0 -> {tmp_path / 'jobs2' / 'pq-keep0.5-seed0'}",
+                                      "random keep 0.5 seed 0: done", "pq keep 0.5 seed 0: done"])
+    assert "random: train" in logs[1] and logs[1][-1] == "pq keep 0.5 seed 0: done"
+
+
+@pytest.mark.parametrize("jobs", ["0", "257"])
+def test_compare_refuses_jobs_out_of_range_in_one_line(tmp_path, jobs):
+    recipe = write_recipe(tmp_path / "tiny.yaml", TINY)
+    res = cli("compare", recipe, "--jobs", jobs, "-o", tmp_path / "c")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: compare: --jobs must be an integer from 1 to 256, got {jobs}"]
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_compare_jobs_raises_a_workers_error_as_itself_and_starts_no_more_variants(tmp_path):
+    # the starting weights are read when a variant runs: in the worker, which fails at once
+    recipe = parse_recipe({**TINY, "model": {**TINY["model"], "weights": str(tmp_path / "missing.pt")}})
+    errors, logs = {}, {}
+    for jobs in (1, 2):
+        logs[jobs] = []
+        with pytest.raises(SnnCompressError) as e:
+            compare(recipe, tmp_path / f"jobs{jobs}", ["random", "l1", "criticality"], [0.5], progress=False,
+                    baseline=False, log=logs[jobs].append, jobs=jobs)
+        errors[jobs] = (type(e.value), str(e.value))
+    assert type(e.value.__cause__).__name__ == "_RemoteTraceback"  # jobs 2: raised in a worker, its traceback kept
+    assert errors[2] == errors[1] and "missing.pt" in errors[1][1]
+    assert not any(line.startswith("criticality") for line in logs[2])  # the third variant never started
+    assert not (tmp_path / "jobs2" / "compare.json").exists()
