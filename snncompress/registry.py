@@ -134,6 +134,8 @@ METHODS = Registry("pruning method", {
     "random": ("snncompress.prune.baselines:RandomScorer", _S),
     "l1": ("snncompress.prune.baselines:L1Scorer", _S),
     "bn": ("snncompress.prune.baselines:BNScorer", _S),
+    "tp_taylor": ("snncompress.prune.tp_criteria:TPTaylorScorer", _S),
+    "tp_lamp": ("snncompress.prune.tp_criteria:TPLampScorer", _S),
     "criticality": ("snncompress.prune.criticality:CriticalityScorer",
                     {**_S, "options": f"{_OPT}:CriticalityOptions", "regrow_share": 0.05}),
     "criticality_unstructured": ("snncompress.prune.unstructured:CriticalityWeightPruner",

@@ -368,7 +368,7 @@ def test_recipe_fields_validated():
     r = parse_recipe({"prune": {"method": "criticality", "budget": "pq"}})
     assert r.prune.options == {"l1_gamma": 1e-4, "measure": "update", "batches": None} and (r.prune.pq.p, r.prune.pq.q, r.prune.pq.beta) == (0.5, 1.0, 0.9)
     assert {m for m in registry.list_methods() if registry.METHODS.meta(m)["family"] == "structured"} == \
-        {"sca", "random", "l1", "bn", "criticality"}
+        {"sca", "random", "l1", "bn", "criticality", "tp_taylor", "tp_lamp"}
     pq = {"method": "sca", "budget": "pq"}
     for bad, msg in [({**pq, "pq": {"p": 1.0, "q": 0.5}}, "prune.pq.q: must be > p (1.0), got 0.5"),
                      ({**pq, "pq": {"p": 0}}, "prune.pq.p: must be > 0"),
