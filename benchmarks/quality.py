@@ -375,11 +375,31 @@ def main() -> None:
     if args.quick:
         dense_recipe["train"]["epochs"] = 4
     work = args.work / ("quick" if args.quick else "full")
+    from snncompress.config import parse_recipe
+    from snncompress.data import load_dataset
+
     t0 = time.perf_counter()
+    stem = "quality-quick" if args.quick else "quality"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stem}.json"
     result = {"machine": {"processor": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
               "jobs": args.jobs, "seeds": seeds, "dense_recipe": "recipes/mnist5k-wide-dense.yaml",
               "dense_epochs": dense_recipe["train"]["epochs"], "keeps": keeps, "random_masks": n_random,
-              "score_batches": SCORE_BATCHES, "truth_batches": TRUTH_BATCHES, "recalibrate_batches": RECALIBRATE}
+              "score_batches": SCORE_BATCHES, "truth_batches": TRUTH_BATCHES, "recalibrate_batches": RECALIBRATE,
+              "test_images": len(load_dataset(parse_recipe(dense_recipe).data, 0).y_test)}
+    before = json.loads(path.read_text()) if path.exists() else {}
+    if before.get("seeds") != seeds:  # phases run separately add up (the same seeds: the dense runs are reused)
+        before = {}
+    spent = before.get("minutes", 0.0)
+
+    def save() -> None:
+        result["minutes"] = spent + (time.perf_counter() - t0) / 60
+        merged = {**before, **result}
+        path.write_text(json.dumps(merged, indent=1))
+        (args.out / f"{stem}.md").write_text(markdown(merged))
+        plot(merged, args.out / f"{stem}.png")
+        print(markdown(merged), flush=True)
+
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_threads) as pool:
         dense_jobs = {s: pool.submit(_train_job, {**dense_recipe, "seed": s}, str(work / f"dense-s{s}")) for s in seeds}
         dense = {s: f.result() for s, f in dense_jobs.items()}
@@ -390,22 +410,14 @@ def main() -> None:
                     for s in seeds]
             per_seed = [f.result() for f in jobs]
             result["rank"] = summarise_rank(per_seed, keeps, rank_methods)
+            result["rank_per_seed"] = [{k: v for k, v in p.items() if k not in ("scores", "increase")}
+                                       for p in per_seed]
             if "truth" in phases:
                 result["truth"] = summarise_truth(per_seed, rank_methods)
-            print(markdown(result), flush=True)
+            save()
         if "finetune" in phases:
             result["finetune"] = _finetune(pool, dense, seeds, ft_methods, work, args.quick)
-    from snncompress.data import load_dataset
-    from snncompress.config import parse_recipe
-
-    result["test_images"] = len(load_dataset(parse_recipe(dense_recipe).data, 0).y_test)
-    result["minutes"] = (time.perf_counter() - t0) / 60
-    stem = "quality-quick" if args.quick else "quality"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+            save()
 
 
 def _finetune(pool, dense: dict, seeds: list[int], methods: list[str], work: Path, quick: bool) -> list[dict]:
