@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import metadata
 from typing import Callable
@@ -81,6 +82,14 @@ def runtime_options(name: str, threads: int | None = None) -> dict:
             "intra_op_num_threads": threads or "default"}
 
 
+@functools.cache
+def _openvino_core(module):
+    """One OpenVINO Core per process: creating a second Core in a process can segfault (a pytest worker
+    died this way; ultralytics/ultralytics#25864). Sessions pass their settings to ``compile_model``,
+    never to the Core, so sharing it shares no settings."""
+    return module.Core()
+
+
 def runtime_session(name: str, model: str | os.PathLike | bytes, threads: int | None = None,
                     batch: int | None = None) -> Session:
     """An ONNX model (a file or its bytes) compiled for the CPU by runtime ``name``: call it with an input
@@ -98,7 +107,7 @@ def runtime_session(name: str, model: str | os.PathLike | bytes, threads: int | 
         sess = ort_session(model, threads)
         feed, first = sess.get_inputs()[0].name, [sess.get_outputs()[0].name]
         return lambda x: sess.run(first, {feed: np.ascontiguousarray(x, dtype=np.float32)})[0]
-    core = module.Core()  # a Core of its own: properties set here never reach another session
+    core = _openvino_core(module)
     graph = core.read_model(model, b"") if isinstance(model, bytes) else core.read_model(str(model))
     if batch is not None:
         shape = graph.input(0).get_partial_shape()
