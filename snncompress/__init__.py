@@ -6,6 +6,7 @@
     sc.slim_checkpoint(result.ckpt, "runs/q/slim.pt") # channels removed, verified
     sc.export_onnx("runs/q/slim.pt", "runs/q/model.onnx")
     sc.export_nir("runs/q/slim.pt", "runs/q/model.nir")  # neuromorphic hardware (model.pool: avg)
+    sc.check_target("runs/q/model.nir", "speck")         # a chip's published limits
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _API = {
     "RecipeError": "errors", "SnnCompressError": "errors", "VerificationError": "errors",
     "Recipe": "config", "load_recipe": "config", "parse_recipe": "config",
     "register_model": "registry", "register_method": "registry", "register_budget_unit": "registry",
+    "register_target": "registry", "Target": "targets", "check_target": "stages.check",
     "list_models": "registry", "list_methods": "registry", "trusted": "registry", "RunLayout": "layout",
     "CostUnit": "prune.costs",
     "create_model": "models", "ChannelGate": "prune.gates", "ChannelGroup": "prune.gates",

@@ -266,13 +266,34 @@ def compare_cmd(recipe: Path = typer.Argument(..., help="YAML recipe (model, dat
         f"{out / 'compare.png'}")
 
 
+@app.command("check")
+def check_cmd(path: Path = typer.Argument(..., help="A NIR file (.nir) or a checkpoint (.pt)"),
+              target: str = typer.Option("speck", "--target", "-t", help="Hardware target (registered: speck)")) -> None:
+    """Check a model against a chip's published limits: one line per violation and exit 1, else the per-core use."""
+    from .errors import SnnCompressError
+    from .stages.check import check_target
+
+    r = check_target(path, target, trust_factory=_state["trust_factory"])
+    for v in r.violations:
+        say(v)
+    for n in r.notes:
+        say(f"note: {n}")
+    if not r.fits:
+        raise SnnCompressError(f"{path} does not fit {r.target}: {len(r.violations)} violation"
+                               f"{'s' if len(r.violations) > 1 else ''} (listed above)")
+    table = Table(*r.header, title=printable(f"{path} on {r.target}: fits"))
+    for row in r.rows:
+        table.add_row(*map(printable, row))
+    console.print(table)
+
+
 @app.command("info")
 def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt), ONNX or NIR model to describe")) -> None:
     """Versions, registered models and methods, or what a checkpoint / ONNX / NIR file holds."""
     from importlib.metadata import version
 
     if path is None:
-        from .registry import BUDGET_UNITS, METHODS, list_models
+        from .registry import BUDGET_UNITS, METHODS, TARGETS, list_models
 
         from importlib.metadata import PackageNotFoundError
 
@@ -286,6 +307,7 @@ def info_cmd(path: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt
         say(f"models: {', '.join(list_models())}")
         say("methods: " + ", ".join(f"{m} ({METHODS.meta(m)['family']})" for m in METHODS.names()))
         say(f"budget units: {', '.join(BUDGET_UNITS.names())}")
+        say(f"hardware targets: {', '.join(TARGETS.names())}")
         return
     if path.suffix == ".nir":
         from .export.nir import NIR_FORMAT, describe_nodes, read_nir

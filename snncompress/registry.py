@@ -1,4 +1,4 @@
-"""Name registries for models, pruning methods and budget units, in the style of timm's ``register_model``.
+"""Name registries for models, pruning methods, budget units and hardware targets, in the style of timm's ``register_model``.
 
 Torch-free on purpose: the recipe schema (:mod:`snncompress.config`) validates ``model.name``,
 ``prune.method`` and ``prune.budget_unit`` against these names without importing torch. Built-in entries are
@@ -152,6 +152,9 @@ BUDGET_UNITS = Registry("budget unit", {
 })
 
 
+TARGETS = Registry("hardware target", {"speck": ("snncompress.targets.speck:Speck", {})})
+
+
 def register_model(name: str) -> Callable:
     """Register a model builder ``fn(in_channels, num_classes, **kwargs) -> nn.Module`` under ``name``."""
     return MODELS.register(name)
@@ -186,6 +189,12 @@ def register_budget_unit(name: str) -> Callable:
     """Register a budget unit under ``name``: a :class:`~snncompress.prune.costs.unit.CostUnit` subclass
     (``prune.budget_unit: name``; docs/methods.md, "Adding a budget unit")."""
     return BUDGET_UNITS.register(name)
+
+
+def register_target(name: str) -> Callable:
+    """Register a hardware target under ``name``: a :class:`~snncompress.targets.base.Target` subclass
+    (``snncompress check --target name``)."""
+    return TARGETS.register(name)
 
 
 def list_models() -> list[str]:

@@ -26,9 +26,9 @@ PKG = ROOT / "snncompress"
 
 # layer of every top-level module / package of snncompress (see docs/design.md)
 LAYERS = {"errors": 0, "registry": 0, "legacy": 0, "schema": 0, "config": 0, "layout": 0, "artifacts": 1, "distributed": 1, "models": 1,
-          "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "plots": 3, "export": 3, "runtime": 3,
+          "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "plots": 3, "export": 3, "runtime": 3, "targets": 3,
           "stages": 4, "run": 5, "compare": 5, "cli": 6, "__init__": 7, "__main__": 7}
-STAGES = {"train", "slim", "export", "bench"}
+STAGES = {"train", "slim", "export", "bench", "check"}
 
 
 def _imports() -> dict[str, set[str]]:
@@ -90,7 +90,7 @@ def test_schema_and_recipe_errors_import_no_torch(tmp_path):
 
 
 def test_builtin_registrations_resolve_to_the_decorated_objects():
-    for reg in (registry.MODELS, registry.METHODS):
+    for reg in (registry.MODELS, registry.METHODS, registry.BUDGET_UNITS, registry.TARGETS):
         for name, (code, meta) in reg._lazy.items():
             obj = reg.get(name)
             module, attr = code.split(":")
@@ -101,7 +101,8 @@ def test_builtin_registrations_resolve_to_the_decorated_objects():
 def test_info_lists_models_and_methods():
     res = cli("info")
     assert res.returncode == 0, res.stderr
-    for m in ("sca (structured)", "criticality (structured)", "pq (unstructured)", "random", "l1", "bn"):
+    for m in ("sca (structured)", "criticality (structured)", "pq (unstructured)", "random", "l1", "bn",
+              "hardware targets: speck"):
         assert m in res.stdout
     assert "resnet19" in res.stdout and "budget units: channels, latency, macs, sops" in res.stdout
 
