@@ -148,6 +148,7 @@ BUDGET_UNITS = Registry("budget unit", {
     "channels": ("snncompress.prune.costs.channels:Channels", {}),
     "macs": ("snncompress.prune.costs.macs:MacCost", {}),
     "sops": ("snncompress.prune.costs.sops:SopCost", {}),
+    "memory": ("snncompress.prune.costs.memory:MemoryCost", {}),
     "latency": ("snncompress.runtime.latency:LatencyCost", {}),
 })
 

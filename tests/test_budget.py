@@ -283,3 +283,20 @@ def test_a_latency_budget_on_a_runtime_not_installed_is_one_line_before_anything
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [f"error: runtime openvino is not installed; install the extra: {EXTRA}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_memory_budget_selects_the_weight_bytes_the_slim_model_has(tmp_path):
+    from snncompress.prune.costs.memory import model_weight_bytes
+
+    recipe = parse_recipe({**TINY, "model": {"name": "vgg", "layers": [16, 32, "M", 32]},
+                           "prune": {**TINY["prune"], "budget_unit": "memory", "keep": 0.4}})
+    res = snncompress.train(recipe, tmp_path, progress=False)
+    budget = res.budget
+    assert budget["unit"] == "memory" and 0.85 * budget["target"] <= budget["selected"] <= budget["target"]
+    snncompress.slim_checkpoint(res.ckpt, tmp_path / "slim.pt")
+    dense, slim = (snncompress.load_model(p) for p in (res.ckpt, tmp_path / "slim.pt"))
+    # 4 bytes per weight and per output channel's bias (BatchNorm folded), counted on the models themselves
+    convs = [m for m in slim.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert model_weight_bytes(slim, 32) == 4 * sum(m.weight.numel() + m.weight.shape[0] for m in convs)
+    assert budget["dense"] == model_weight_bytes(dense, 32) and budget["selected"] == model_weight_bytes(slim, 32)
+    assert model_weight_bytes(slim, 8) == sum(m.weight.numel() + 4 * m.weight.shape[0] for m in convs)

@@ -29,6 +29,7 @@ from ..export.onnx import exported_from, read_onnx_metadata
 from ..layout import RunLayout
 from ..metrics import PJ_PER_AC, PJ_PER_MAC, count_macs, count_params, spike_stats, weight_counts
 from ..prune.costs import unit_class
+from ..prune.costs.memory import FLOAT_BITS, model_weight_bytes
 from ..prune.gates import kept_fraction
 from ..registry import BUDGET_UNITS, is_trusted
 from ..runtime.sessions import require_runtime, runtime_options, runtime_session, runtime_version
@@ -121,6 +122,9 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
         "checkpoint": str(ckpt_path), "onnx": str(onnx_path),
         "params": count_params(model),
         **weight_counts(model),
+        # the deployed weights' memory at their bit width (float32: snncompress does not quantise them yet)
+        "weight_bits": FLOAT_BITS,
+        "weight_bytes": model_weight_bytes(model, FLOAT_BITS),
         "macs": count_macs(model, encode(data.x_test[:1], T, enc)),
         **spike_stats(model, data.x_test, T, enc),
         "accuracy": accuracy,
@@ -205,6 +209,8 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
                      "threads": settings.threads, "warmup": settings.warmup, "repeats": settings.repeats,
                      "batches": batches, "pj_per_mac": PJ_PER_MAC, "pj_per_ac": PJ_PER_AC},
         "units": {"params": "count", "macs": "dense multiply-accumulates per inference (all T steps)",
+                  "weight_bytes": "conv + linear weights at weight_bits bits, plus a 32-bit bias per output channel "
+                                  "(BatchNorm folded)",
                   "macs_analog": "MACs on non-spike inputs per inference",
                   "macs_analog_effective": "MACs on non-spike inputs through non-zero weights per inference",
                   "sops": "synaptic operations per inference",
@@ -231,7 +237,8 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
     return report
 
 
-ROWS = [("params", "Params", "{:,.0f}"), ("macs", "MACs / inference", "{:,.0f}"), ("sops", "SOPs / inference", "{:,.0f}"),
+ROWS = [("params", "Params", "{:,.0f}"), ("weight_bytes", "Weight memory (bytes)", "{:,.0f}"),
+        ("macs", "MACs / inference", "{:,.0f}"), ("sops", "SOPs / inference", "{:,.0f}"),
         ("sops_effective", "SOPs through non-zero weights", "{:,.0f}"), ("connectivity", "Connectivity", "{:.1%}"),
         ("firing_rate", "Firing rate", "{:.4f}"), ("energy_uj", "Energy (µJ)", "{:.3f}"),
         ("accuracy", "Accuracy (PyTorch)", "{:.2%}"), ("accuracy_onnx", "Accuracy ({runtime})", "{:.2%}"),
@@ -241,7 +248,8 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (shared by the terminal and markdown renderers)."""
     names = list(report["models"])
     runtime = report["settings"].get("runtime", "onnxruntime")  # reports written before the runtime choice
-    rows = [[label.format(runtime=runtime), *(fmt.format(report["models"][n][key]) for n in names)]
+    rows = [[label.format(runtime=runtime), *(fmt.format(report["models"][n][key]) if key in report["models"][n]
+                                              else "n/a" for n in names)]  # n/a: a report from before the figure
             for key, label, fmt in ROWS]
     for b in report["settings"]["batches"]:
         cells = []
