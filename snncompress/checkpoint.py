@@ -14,13 +14,14 @@ import torch
 import torch.nn as nn
 
 from .artifacts import SLIM_FORMAT, load_checkpoint, read_torch_file, sha256
-from .config import Recipe, parse_recipe
+from .config import FLOAT_BITS, QuantWeightsCfg, Recipe, parse_recipe
 from .errors import MaskError, ModelError, RecipeError, SnnCompressError, first_line
 from .models import FactoryError, build_factory_model, create_model
 from .models.factory import DATA_KWARGS, accepted_data_kwargs, model_options, resolve_factory
 from .registry import MODELS
 from .prune.gates import attach_gates, set_masks, strip_gates
 from .prune.shapes import dense_state, resize_to
+from .quant import attach_fake_quant, detach_fake_quant
 
 
 def model_spec(recipe: Recipe, in_channels: int, num_classes: int) -> dict:
@@ -113,7 +114,28 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", trust_factory:
             set_masks(model, channel_groups(model, example), ckpt["masks"])
     except (MaskError, RuntimeError) as e:  # load_state_dict reports missing, unexpected or resized tensors
         raise SnnCompressError(f"{source}: weights do not match the model it describes ({first_line(e)})") from e
+    quant = checkpoint_quant(ckpt, source)
+    if quant is not None:  # trained quantised: the network computes with the quantised weights
+        attach_fake_quant(model, example, quant)
+        detach_fake_quant(model.eval(), bake=True)
     return model.eval()
+
+
+def checkpoint_quant(ckpt: dict, source: str = "checkpoint") -> QuantWeightsCfg | None:
+    """How the checkpoint's weights were quantised while they trained (its ``quant`` entry), or None: float."""
+    if ckpt.get("quant") is None:
+        return None
+    try:
+        return QuantWeightsCfg.model_validate(ckpt["quant"])
+    except Exception as e:  # pydantic's ValidationError, or a non-mapping
+        raise SnnCompressError(f"{source}: quant entry must be {{bits: 2-8, granularity: channel | tensor}}, got "
+                               f"{ckpt['quant']!r:.80}") from e
+
+
+def checkpoint_bits(ckpt: dict) -> int:
+    """Bits per deployed weight of a checkpoint's network (32: not quantised)."""
+    quant = checkpoint_quant(ckpt)
+    return quant.bits if quant is not None else FLOAT_BITS
 
 
 MAX_DATA_KWARG = 1 << 20

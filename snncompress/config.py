@@ -334,6 +334,26 @@ class ExportCfg(Section):
     nir: bool = False  # also model.nir: the slim network in NIR for neuromorphic hardware (docs: README, NIR)
 
 
+class QuantWeightsCfg(Section):
+    """How the deployed network's weights are quantised: symmetric integers of ``bits`` bits (-(2^(bits-1) - 1)
+    to 2^(bits-1) - 1), one scale per output channel or one per tensor."""
+
+    bits: Annotated[int, Field(ge=2, le=8)] = 8
+    granularity: Literal["channel", "tensor"] = "channel"
+
+
+class QuantCfg(Section):
+    """Quantisation-aware training (docs/methods.md, "Quantisation"): the deployed weights (BatchNorm folded into
+    the conv) are quantised in every forward pass, the gradient passing straight through, from ``start``:
+    ``finetune``, once the masks are final (the slim fine-tune), or ``begin``, from the first epoch."""
+
+    weights: QuantWeightsCfg = QuantWeightsCfg()
+    start: Literal["finetune", "begin"] = "finetune"
+
+
+FLOAT_BITS = 32  # the bit width of a weight that is not quantised (float32)
+
+
 class Recipe(Section):
     name: RunName = "run"
     seed: Seed = 0
@@ -344,11 +364,26 @@ class Recipe(Section):
     baseline: bool = False  # `run` also trains the same recipe without pruning
     export: ExportCfg = ExportCfg()
     deploy: DeployCfg = DeployCfg()
+    quant: QuantCfg | None = None  # quantisation-aware training (None: float32 weights)
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits per deployed weight: the quantisation's, else float32's."""
+        return self.quant.weights.bits if self.quant is not None else FLOAT_BITS
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "Recipe":
         if self.train.distill is not None and self.model.weights is None:
             raise ValueError("train.distill: needs model.weights (the teacher is the network training starts from)")
+        q = self.quant
+        if q is not None and self.prune is not None and self.prune.unstructured:
+            raise ValueError("quant: quantises the deployed network of a structured method or a dense recipe; "
+                             f"{self.prune.method} is unstructured")
+        if q is not None and q.start == "finetune" and (self.prune is None or not self.train.slim_finetune
+                                                        or self.prune.finetune_epochs == 0):
+            raise ValueError("quant.start: finetune starts when the masks are final, in the slim fine-tune: it needs "
+                             "a structured prune section with finetune_epochs >= 1 and train.slim_finetune: true; "
+                             "use start: begin")
         p = self.prune
         if p is None:
             return self
@@ -372,8 +407,11 @@ class Recipe(Section):
         return [c for c in named if c is not None and is_code_string(c)]
 
     def dense(self) -> "Recipe":
-        """The same recipe without pruning (the baseline)."""
-        return self.model_copy(update={"prune": None, "baseline": False, "name": f"{self.name}-baseline"})
+        """The same recipe without pruning (the baseline; quantised from the first epoch where the recipe
+        quantises)."""
+        quant = self.quant and self.quant.model_copy(update={"start": "begin"})  # no masks to wait for
+        return self.model_copy(update={"prune": None, "baseline": False, "name": f"{self.name}-baseline",
+                                       "quant": quant})
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

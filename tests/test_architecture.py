@@ -26,7 +26,7 @@ PKG = ROOT / "snncompress"
 
 # layer of every top-level module / package of snncompress (see docs/design.md)
 LAYERS = {"errors": 0, "registry": 0, "legacy": 0, "schema": 0, "config": 0, "layout": 0, "artifacts": 1, "distributed": 1, "models": 1,
-          "data": 1, "prune": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "plots": 3, "export": 3, "runtime": 3, "targets": 3,
+          "data": 1, "prune": 2, "quant": 2, "checkpoint": 3, "evaluation": 3, "metrics": 3, "plots": 3, "export": 3, "runtime": 3, "targets": 3,
           "stages": 4, "run": 5, "compare": 5, "cli": 6, "__init__": 7, "__main__": 7}
 STAGES = {"train", "slim", "export", "bench", "check"}
 
@@ -104,7 +104,7 @@ def test_info_lists_models_and_methods():
     for m in ("sca (structured)", "criticality (structured)", "pq (unstructured)", "random", "l1", "bn",
               "hardware targets: speck"):
         assert m in res.stdout
-    assert "resnet19" in res.stdout and "budget units: channels, latency, macs, sops" in res.stdout
+    assert "resnet19" in res.stdout and "budget units: channels, latency, macs, memory, sops" in res.stdout
 
 
 def test_custom_method_from_a_module_trains_through_the_cli(tmp_path):

@@ -9,7 +9,7 @@ from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..models.modules import set_module, step_mode
-from ..prune.gates import single_step_forward
+from ..quant import conv_bn_pairs
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
@@ -20,22 +20,11 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
     potential sitting exactly at the threshold can flip a spike: check the folded model's predictions
     (``export_onnx(fold_bn=True)`` reports the agreement).
     """
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # tensors kept alive so that ids are not reused
-    pairs: list[tuple[str, str]] = []
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    handles = [m.register_forward_hook(lambda mod, a, out, n=n: outputs.__setitem__(id(out), (n, out)))
-               for n, m in convs.items()]
-    handles += [m.register_forward_pre_hook(lambda mod, a, n=n: pairs.append((outputs[id(a[0])][0], n))
-                                            if id(a[0]) in outputs else None) for n, m in bns.items()]
-    try:
-        with torch.no_grad():
-            single_step_forward(model.eval(), example)
-    finally:
-        for h in handles:
-            h.remove()
+    model.eval()
+    modules = dict(model.named_modules())
+    pairs = conv_bn_pairs(model, example)
     for conv_name, bn_name in pairs:
-        set_module(model, conv_name, fuse_conv_bn_eval(convs[conv_name], bns[bn_name]))
+        set_module(model, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[bn_name]))
         set_module(model, bn_name, nn.Identity())
     return len(pairs)
 

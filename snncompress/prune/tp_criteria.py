@@ -29,6 +29,7 @@ import copy
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.nn.utils import parametrize
 from pydantic import BaseModel
 from spikingjelly.activation_based import functional
 
@@ -40,8 +41,8 @@ from .scorer import ChannelMeans, Scorer, model_device
 
 
 def parameter_sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters are ``model``'s own (weights and their ``.grad``), with no forward hook
-    but the gates'.
+    """A copy of ``model`` whose parameters are ``model``'s own (weights and their ``.grad``; a quantised weight's
+    float original), with no forward hook but the gates'.
 
     Buffers and neuron states are copies. The hooks others keep on the model (a scorer's, a cost unit's, counting
     while active) must not see the trace: the copy shares their callables (a bound method's object is not copied)
@@ -54,6 +55,12 @@ def parameter_sharing_copy(model: nn.Module) -> nn.Module:
                 memo.update({id(h): h for h in hooks.values()})
     twin = copy.deepcopy(model, memo)
     for m in twin.modules():
+        if parametrize.is_parametrized(m, "weight"):  # quant: Torch-Pruning reads the trained (float) weight
+            # by hand: remove_parametrizations would edit the class the copy shares with the model's module
+            original = m.parametrizations.weight.original
+            m.__class__ = m.__class__.__bases__[0]  # parametrize subclassed the module's own class
+            del m.parametrizations
+            m.weight = original
         for key in [k for k, h in m._forward_pre_hooks.items() if h is not _gate_input]:
             del m._forward_pre_hooks[key]
             m._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -19,8 +19,8 @@ import torch
 
 from .. import __version__
 from ..artifacts import check_output, load_checkpoint, write_json, write_text
-from ..checkpoint import model_from_checkpoint, recipe_of
-from ..config import DeployCfg, Recipe
+from ..checkpoint import checkpoint_bits, model_from_checkpoint, recipe_of
+from ..config import FLOAT_BITS, DeployCfg, Recipe
 from ..data import encode, eval_batches, load_dataset
 from ..errors import SnnCompressError, VerificationError
 from ..evaluation import batch_logits, evaluate, runtime_agreement
@@ -29,7 +29,7 @@ from ..export.onnx import exported_from, read_onnx_metadata
 from ..layout import RunLayout
 from ..metrics import PJ_PER_AC, PJ_PER_MAC, count_macs, count_params, spike_stats, weight_counts
 from ..prune.costs import unit_class
-from ..prune.costs.memory import FLOAT_BITS, model_weight_bytes
+from ..prune.costs.memory import model_weight_bytes
 from ..prune.gates import kept_fraction
 from ..registry import BUDGET_UNITS, is_trusted
 from ..runtime.sessions import require_runtime, runtime_options, runtime_session, runtime_version
@@ -118,13 +118,15 @@ def bench_model(ckpt_path: Path, onnx_path: Path, settings: BenchSettings, trust
     onnx_logits, check = verified_logits(onnx_path, logits.numpy(), data.x_test, T, enc, settings)
     masks = ckpt["masks"]
     kept = kept_fraction(masks)
+    bits = checkpoint_bits(ckpt)
     return {
         "checkpoint": str(ckpt_path), "onnx": str(onnx_path),
         "params": count_params(model),
         **weight_counts(model),
-        # the deployed weights' memory at their bit width (float32: snncompress does not quantise them yet)
-        "weight_bits": FLOAT_BITS,
-        "weight_bytes": model_weight_bytes(model, FLOAT_BITS),
+        # the deployed weights' memory at the bit width they were trained at, and as float32
+        "weight_bits": bits,
+        "weight_bytes": model_weight_bytes(model, bits),
+        "weight_bytes_fp32": model_weight_bytes(model, FLOAT_BITS),
         "macs": count_macs(model, encode(data.x_test[:1], T, enc)),
         **spike_stats(model, data.x_test, T, enc),
         "accuracy": accuracy,
@@ -210,7 +212,7 @@ def bench_models(models: dict[str, tuple[Path, Path]], out_dir: str | os.PathLik
                      "batches": batches, "pj_per_mac": PJ_PER_MAC, "pj_per_ac": PJ_PER_AC},
         "units": {"params": "count", "macs": "dense multiply-accumulates per inference (all T steps)",
                   "weight_bytes": "conv + linear weights at weight_bits bits, plus a 32-bit bias per output channel "
-                                  "(BatchNorm folded)",
+                                  "(BatchNorm folded); weight_bytes_fp32: the same with float32 weights",
                   "macs_analog": "MACs on non-spike inputs per inference",
                   "macs_analog_effective": "MACs on non-spike inputs through non-zero weights per inference",
                   "sops": "synaptic operations per inference",

@@ -37,6 +37,7 @@ from ..prune.groups import channel_groups
 from ..prune.pruner import Pruner, build_pruner
 from ..prune.shapes import KeptIndex, apply_index, removed_channels, slice_optimizer
 from ..prune.surgery import kept_index
+from ..quant import attach_fake_quant, detach_fake_quant, is_fake_quant, load_plain_state_dict, plain_state_dict
 from ..registry import trusted
 
 
@@ -235,10 +236,16 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
     slim_ft = recipe.train.slim_finetune and pruner is not None
     index: KeptIndex | None = None  # once train has removed the closed channels (the slim fine-tune)
 
+    def quantise() -> None:  # quant: from here on the weights train as the deployed integers
+        attach_fake_quant(model, example, recipe.quant.weights)
+
     def slim_network(masks: dict[str, torch.Tensor], check: bool) -> KeptIndex:
         nonlocal gammas
         checked = (data.x_test[:recipe.data.batch_size], T, enc) if check else None
+        detach_fake_quant(model)  # the surgery cuts the float weights; quantisation-aware training goes on after
         cut = _slim_network(model, opt, masks, groups, example, checked)
+        if recipe.quant is not None:  # start: finetune starts here, begin goes on
+            quantise()
         gammas = _bn_gammas(model)
         if multi:
             distributed.check_agree(json.dumps({n: list(t.shape) for n, t in model.state_dict().items()}),
@@ -246,6 +253,8 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
         return cut
 
     start, best_acc, metrics = 0, -1.0, []
+    if recipe.quant is not None and recipe.quant.start == "begin":
+        quantise()
     if resume and ckpt_path.exists():
         start, best_acc, metrics, index = _restore(ckpt_path, recipe, model, opt, sched, gen, pruner, metrics_path,
                                                    lambda masks: slim_network(masks, check=False))
@@ -331,7 +340,9 @@ def _train(recipe: Recipe, out_dir: Path, progress: bool, resume: bool, hold: Ex
                 masks = pruner.masks if pruner else get_masks(model, groups)
                 slimmed = {} if index is None else {
                     "kept_index": index, "removed": removed_channels(masks)}
-                ckpt = {**base, "state_dict": model.state_dict(), "masks": masks, **slimmed,
+                # quant: the float weights as they train, and how the network quantises them
+                quant = {"quant": recipe.quant.weights.model_dump()} if is_fake_quant(model) else {}
+                ckpt = {**base, "state_dict": plain_state_dict(model), **quant, "masks": masks, **slimmed,
                         "history": _history(pruner), "metrics": row, "epoch": epoch,
                         **(pruner.checkpoint_entries() if pruner else {}),
                         "train_state": _train_state(opt, sched, gen, pruner, best_acc)}
@@ -443,7 +454,7 @@ def _restore(path: Path, recipe: Recipe, model, opt, sched, gen, pruner, metrics
             raise SnnCompressError(f"{path}: cannot resume from it (its kept_index is not the cut its masks make "
                                    f"after epoch {epoch})")
     try:  # load_state_dict reports missing, unexpected or resized tensors, and parameter groups that differ
-        model.load_state_dict(ckpt["state_dict"])
+        load_plain_state_dict(model, ckpt["state_dict"])
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as e:
         raise SnnCompressError(f"{path}: its weights or optimizer state do not match this model ({first_line(e)})") from e

@@ -1,16 +1,18 @@
-"""``prune.budget_unit: memory``: bytes of the deployed network's weights (float32 until the weights are quantised)."""
+"""``prune.budget_unit: memory``: bytes of the deployed network's weights at the recipe's bit width."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 
+from ...config import Recipe
 from ...registry import register_budget_unit
-from .layers import Layer
+from ..gates import ChannelGroup
+from .layers import Layer, model_layers
 from .unit import CostUnit
 
-FLOAT_BITS = 32
 BIAS_BYTES = 4  # one bias per output channel (BatchNorm folded into it), 32 bits: an int32 accumulator or a float32
 
 
@@ -22,13 +24,19 @@ def weight_bytes(weights: float, outputs: float, bits: int) -> float:
 
 @register_budget_unit("memory")
 class MemoryCost(CostUnit):
-    """``taps * a * b`` weights of ``bits`` bits and ``b`` 32-bit biases per layer: exact for the conv and linear
-    layers of the deployed network (BatchNorm folded, so each output channel has one bias). snncompress ships
-    float32 weights, so a recipe's unit counts 32 bits per weight."""
+    """``taps * a * b`` weights of ``recipe.weight_bits`` bits (``quant.weights.bits``, else 32) and ``b`` 32-bit
+    biases per layer: exact for the conv and linear layers of the deployed network (BatchNorm folded, so each
+    output channel has one bias)."""
 
     label = "weight bytes"
 
-    bits = FLOAT_BITS
+    def __init__(self, layers: list[Layer], groups: list[ChannelGroup], T: int, cfg=None, bits: int = 32):
+        super().__init__(layers, groups, T, cfg)
+        self.bits = bits
+
+    @classmethod
+    def build(cls, model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor, recipe: Recipe) -> "MemoryCost":
+        return cls(model_layers(model, example, groups), groups, recipe.data.T, recipe.prune, recipe.weight_bits)
 
     def layer_cost(self, layer: Layer, a: float, b: float) -> float:
         return weight_bytes(layer.taps * a * b, b, self.bits)
