@@ -379,6 +379,9 @@ class Recipe(Section):
         if q is not None and self.prune is not None and self.prune.unstructured:
             raise ValueError("quant: quantises the deployed network of a structured method or a dense recipe; "
                              f"{self.prune.method} is unstructured")
+        if q is not None and self.export.nir and q.weights.granularity != "tensor":
+            raise ValueError("export.nir: integer NIR needs one scale per layer (its neurons share one threshold): "
+                             "set quant.weights.granularity: tensor")
         if q is not None and q.start == "finetune" and (self.prune is None or not self.train.slim_finetune
                                                         or self.prune.finetune_epochs == 0):
             raise ValueError("quant.start: finetune starts when the masks are final, in the slim fine-tune: it needs "

@@ -14,6 +14,7 @@ from snncompress.artifacts import sha256
 from snncompress.data import load_dataset
 from snncompress.errors import SnnCompressError
 from snncompress.models.factory import model_options
+from snncompress.stages.check import check_target
 from snncompress.export.nir import (NIR_FORMAT, Simulator, body_logits, check_expressible, nir_body,
                                       read_nir, read_nir_metadata, simulate, to_nir_graph)
 from snncompress.prune.gates import attach_gates, gate_modules
@@ -217,3 +218,32 @@ def test_resnet_run_writes_verified_nir_and_bench_reports_it(tmp_path):
     assert n["sops"] == report["models"]["slim"]["sops"] and n["nodes"]["LIF"] == 19
     assert "NIR file `model.nir`" in (tmp_path / "r" / "report.md").read_text()
     _check_consumers(tmp_path / "r" / "model.nir", tmp_path / "r" / "slim.pt")
+
+
+def test_a_quantised_network_exports_integer_weights_with_the_scales_in_its_neurons(tmp_path):
+    """quant (one scale per layer): the NIR file holds integers; each layer's scale divides its bias and its neuron's
+    threshold; read back, spikingjelly and snnTorch give the quantised network's predictions and logits; the speck
+    check reads the bits. Per-channel scales are refused in one line."""
+    recipe = sc.parse_recipe({**AVG, "train": {**AVG["train"], "epochs": 5},
+                              "prune": {**AVG["prune"], "finetune_epochs": 2},
+                              "quant": {"weights": {"bits": 4, "granularity": "tensor"}}})
+    res = sc.train(recipe, tmp_path / "train", progress=False)
+    slim = sc.slim_checkpoint(res.ckpt, tmp_path / "slim.pt").path
+    r = sc.export_nir(slim)
+    assert r.max_abs_diff <= 1e-4
+    graph = read_nir(r.path)
+    assert graph.metadata["weight_bits"] == "4" and graph.metadata["weight_granularity"] == "tensor"
+    scales = json.loads(graph.metadata["weight_scales"])
+    for name, node in graph.nodes.items():
+        if type(node).__name__ in ("Conv2d", "Affine") and name != "classifier":  # the readout keeps q * scale
+            w = np.asarray(node.weight)
+            assert np.array_equal(w, np.round(w)) and np.abs(w).max() == 7 and scales[name] > 0, name
+    thresholds = [np.asarray(n.v_threshold) for n in graph.nodes.values() if type(n).__name__ == "LIF"]
+    assert all(len(np.unique(t)) == 1 and not np.isclose(t.flat[0], 1.0) for t in thresholds)  # one per layer
+    _check_consumers(r.path, slim)
+    assert not any("floating point" in n for n in check_target(r.path).notes)
+    ckpt = sc.load_checkpoint(slim)
+    ckpt["quant"]["granularity"] = "channel"
+    torch.save(ckpt, tmp_path / "channel.pt")
+    with pytest.raises(SnnCompressError, match="integer NIR needs one scale per layer"):
+        sc.export_nir(tmp_path / "channel.pt")

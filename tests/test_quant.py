@@ -141,3 +141,9 @@ def test_torch_pruning_criteria_and_a_memory_budget_at_the_quantised_bit_width(t
     dense, slim = sc.load_model(res.ckpt), sc.load_model(tmp_path / "slim.pt")
     assert res.budget["dense"] == model_weight_bytes(dense, 8) and res.budget["selected"] == model_weight_bytes(slim, 8)
     assert res.budget["selected"] <= res.budget["target"]
+
+
+def test_a_run_that_exports_nir_needs_one_scale_per_layer():
+    with pytest.raises(RecipeError, match="export.nir: integer NIR needs one scale per layer"):
+        parse_recipe({**QAT, "export": {"nir": True}})
+    assert parse_recipe({**QAT, "export": {"nir": True}, "quant": {"weights": {"granularity": "tensor"}}}).export.nir

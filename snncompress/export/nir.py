@@ -189,6 +189,64 @@ def sum_pools(graph) -> None:
                                    f"{type(t).__name__} (its 1/k² is folded into their weights)")
 
 
+def integer_weights(graph, bits: int, granularity: str) -> dict[str, str]:
+    """Make every conv and affine node that feeds a neuron hold integers, its scale moved into that neuron (in
+    place); returns the metadata that says so (bits, and each node's scale).
+
+    A layer whose deployed weights are ``q * scale`` (quantisation-aware training with one scale per tensor;
+    BatchNorm and any sum pool's 1/k² folded in) gets weights ``q`` and bias ``bias / scale``, and its neuron's
+    threshold, leak and reset potentials are divided by ``scale``: the membrane is then the old one over
+    ``scale``, so the neuron spikes at the same steps and resets alike, exactly for IF and LIF with any reset
+    potential (their dynamics are linear in the membrane). The readout, which no neuron follows, keeps
+    ``q * scale``; its scale is in the metadata. Per-channel scales would need a threshold per channel, which
+    Speck's cores (one threshold per layer) and spikingjelly's importer (uniform thresholds) do not take:
+    refused, as is a neuron fed by several layers (a residual sum: one threshold for different scales).
+    """
+    import nir
+
+    from ..quant import quantize
+
+    if granularity != "tensor":
+        raise SnnCompressError("integer NIR needs one scale per layer (quant.weights.granularity: tensor): its "
+                               "neurons share one threshold, as Speck's cores and spikingjelly's importer require; "
+                               f"this checkpoint was trained with granularity {granularity}")
+    succ: dict[str, list[str]] = {}
+    pred: dict[str, list[str]] = {}
+    for a, b in graph.edges:
+        succ.setdefault(a, []).append(b)
+        pred.setdefault(b, []).append(a)
+    scales: dict[str, float] = {}
+    for name, node in graph.nodes.items():
+        if not isinstance(node, (nir.Conv2d, nir.Affine)):
+            continue
+        w = np.asarray(node.weight, dtype=np.float64)
+        q, scale = (float(t) if t.dim() == 0 else t.numpy() for t in quantize(torch.from_numpy(w), bits, "tensor"))
+        if np.abs(q * scale - w).max() > 1e-5 * max(1.0, np.abs(w).max()):
+            raise SnnCompressError(f"{name}: its weights are not {bits}-bit integers times a scale (was the "
+                                   "checkpoint trained with quant?)")
+        scales[name] = scale
+        after = [graph.nodes[n] for n in succ.get(name, [])]
+        if not (len(after) == 1 and isinstance(after[0], (nir.LIF, nir.IF))):
+            if not all(isinstance(n, nir.Output) for n in after):
+                raise SnnCompressError(f"integer NIR: {name} must feed one neuron alone (or the output); it feeds "
+                                       f"{', '.join(type(n).__name__ for n in after)}")
+            continue  # the readout: q * scale stays
+        if len(pred[succ[name][0]]) != 1:
+            raise SnnCompressError(f"integer NIR: the neuron after {name} sums several layers (a residual "
+                                   "connection): one threshold cannot take their different scales; export with "
+                                   "float weights (a checkpoint trained without quant)")
+        node.weight = q.astype(np.float32)
+        node.bias = (np.asarray(node.bias, dtype=np.float64) / scale).astype(np.float32)
+        for field in ("v_threshold", "v_leak", "v_reset"):
+            value = getattr(after[0], field, None)
+            if value is not None:
+                setattr(after[0], field, (np.asarray(value, dtype=np.float64) / scale).astype(np.float32))
+    return {"weight_bits": str(bits), "weight_granularity": granularity,
+            "weights": "integers (float32 arrays of integer values); each layer's scale divides its bias and its "
+                       "neuron's threshold, leak and reset potentials; the readout keeps integer x scale",
+            "weight_scales": json.dumps(scales)}
+
+
 def nir_metadata(meta: dict, extra: dict[str, str]) -> dict[str, str]:
     """The graph metadata: what a consumer needs beyond the nodes (T, encoding, normalisation, readout, dt)."""
     direct = meta["encoding"] == "direct"

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..artifacts import atomic_path, check_output, load_checkpoint, sha256
-from ..checkpoint import model_from_checkpoint, recipe_of
+from ..checkpoint import checkpoint_quant, model_from_checkpoint, recipe_of
 from ..data import eval_batches, graph_input, load_dataset, to_steps
 from ..errors import SnnCompressError, VerificationError, first_line
 from ..evaluation import TOLERANCE, batch_logits, evaluate, runtime_agreement
@@ -197,8 +197,8 @@ def export_nir(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None 
     written. The fold itself is checked against the model as trained (in float64 where float32 rounding flips
     a spike at the threshold, as the slim stage does). What NIR cannot express is refused up front, in one line.
     """
-    from ..export.nir import (Simulator, body_logits, first_disagreeing_layer, neuron_count, nir_body, nir_metadata,
-                              node_counts, read_nir, simulate, to_nir_graph)
+    from ..export.nir import (Simulator, body_logits, first_disagreeing_layer, integer_weights, neuron_count, nir_body,
+                              nir_metadata, node_counts, read_nir, simulate, to_nir_graph)
 
     t0 = time.perf_counter()
     ckpt_path, out_path, ckpt, model = _source(ckpt_path, out_path, ".nir", trust_factory)
@@ -228,6 +228,9 @@ def export_nir(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None 
              "pooling": "average pools as SumPool2d, their 1/(kh*kw) folded into the next layer's weights",
              "neuron_mapping": "spikingjelly's mapping: LIF tau = tau_steps * dt, r = 1, v_leak = v_reset; IF r = 1 / dt"}
     graph = to_nir_graph(body, example, nir_metadata(meta, extra))
+    quant = checkpoint_quant(ckpt, str(ckpt_path))
+    if quant is not None:  # trained quantised: integer weights, each layer's scale in its neuron
+        graph.metadata.update(integer_weights(graph, quant.bits, quant.granularity))
     t_export = time.perf_counter() - t0
     with atomic_path(out_path) as tmp:
         import nir
