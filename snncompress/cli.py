@@ -130,8 +130,7 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
                                                                      "spikes at the threshold: agreement is reported)"),
                sj_neurons: bool = typer.Option(False, "--sj-neurons", help="Export spikingjelly's own neuron ops "
                                                                            "instead of the leaner, equivalent form"),
-               int8: bool = typer.Option(False, "--int8", help="Also write OUT.int8.onnx with int8 weights "
-                                                               "(spike inputs stay exact) and report its accuracy"),
+               int8: bool = typer.Option(False, "--int8", hidden=True),  # removed: refused with what replaces it
                unroll: str = typer.Option("auto", "--unroll", help="step: the whole network once per time step "
                                                                    "(faster at large batch); layer: each layer over "
                                                                    "all steps, as trained; auto: step, else layer")) -> None:
@@ -139,6 +138,12 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
     a NIR graph and verify it read back and simulated."""
     from .errors import SnnCompressError
 
+    if int8:
+        from .errors import UsageError
+
+        raise UsageError("export --int8 was removed (post-training int8 that onnxruntime ran slower than float32); "
+                         "train with a quant section instead: its export has integer convs (see README, "
+                         "Quantisation-aware training)")
     if onnx == nir:
         raise SnnCompressError("choose one export format: --onnx or --nir")
     if nir:
@@ -155,16 +160,14 @@ def export_cmd(ckpt: Path = typer.Argument(..., help="Dense or slim checkpoint")
         return
     from .stages.export import export_onnx
 
-    r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, int8=int8, order=unroll,
+    r = export_onnx(ckpt, out, fold_bn=fold_bn, lean=not sj_neurons, order=unroll,
                     trust_factory=_state["trust_factory"])
     if r.fold_agreement is not None:
         say(f"BatchNorm folded: {r.fold_agreement:.2%} of test predictions unchanged by the fold")
     say(f"verified with onnxruntime on {r.n_samples} test samples: same predictions, "
         f"max |Δlogit| {r.max_abs_diff:.2g}; {r.nodes} nodes, unrolled by {r.order}; wrote {r.path}")
-    if r.int8:
-        q = r.int8
-        say(f"int8 weights: accuracy {q['accuracy_fp32']:.2%} -> {q['accuracy_int8']:.2%} "
-            f"({q['agreement']:.2%} of predictions unchanged); wrote {q['path']}")
+    if r.integer_convs:
+        say(f"{r.integer_convs} conv nodes on spikes are integer convs ({r.weight_bits}-bit weights, uint8 spikes)")
 
 
 @app.command("bench")

@@ -3,6 +3,8 @@ bits; checkpoints hold the float weights and the network computes with the integ
 
 import copy
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -11,9 +13,11 @@ import snncompress as sc
 from snncompress.config import QuantWeightsCfg, parse_recipe
 from snncompress.data import load_dataset
 from snncompress.errors import RecipeError, SnnCompressError
+from snncompress.evaluation import batch_logits
 from snncompress.export.fold import fold_batchnorm
 from snncompress.prune.costs.memory import model_weight_bytes
 from snncompress.quant import FakeQuant, attach_fake_quant, detach_fake_quant, quantize
+from snncompress.runtime.sessions import runtime_session
 
 from .conftest import TINY, cli, kill_training_after, write_recipe
 from .test_resume import _same_checkpoints
@@ -74,6 +78,21 @@ def test_a_quantised_training_holds_the_integers_it_deploys(tmp_path):
     _integers(sc.load_model(tmp_path / "slim.pt"), example, 4)
     # the memory budget unit and the bench count 4 bits per weight
     assert model_weight_bytes(model, 4) < model_weight_bytes(model, 32) / 4
+    # ONNX: the convs on spikes are integer convs (int8 weights behind DequantizeLinear, uint8 spikes), verified by
+    # onnxruntime at export; OpenVINO runs them and gives PyTorch's quantised logits
+    r = sc.export_onnx(tmp_path / "slim.pt")
+    proto = onnx.load(r.path)
+    int8 = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    dq = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    on_spikes = [c for c in convs if dq.get(c.input[1]) in int8]
+    assert len(on_spikes) == len(convs) - 1  # all but the conv on the image (computed once: direct encoding)
+    assert {p.key: p.value for p in proto.metadata_props}["weight_bits"] == "4"
+    ref = sc.evaluate(sc.load_model(tmp_path / "slim.pt"), data.x_test, data.y_test, 2)[2].numpy()
+    for runtime in ("onnxruntime", "openvino"):
+        session = runtime_session(runtime, r.path, threads=1)
+        got = batch_logits(lambda inp: session(inp.numpy()), data.x_test, 2, "direct")
+        assert (got.argmax(1) == ref.argmax(1)).all() and np.abs(got - ref).max() <= 1e-4, runtime
 
 
 def test_quantising_from_the_first_epoch_and_per_tensor(tmp_path):
@@ -147,3 +166,9 @@ def test_a_run_that_exports_nir_needs_one_scale_per_layer():
     with pytest.raises(RecipeError, match="export.nir: integer NIR needs one scale per layer"):
         parse_recipe({**QAT, "export": {"nir": True}})
     assert parse_recipe({**QAT, "export": {"nir": True}, "quant": {"weights": {"granularity": "tensor"}}}).export.nir
+
+
+def test_export_int8_is_refused_with_what_replaces_it(tmp_path):
+    res = cli("export", tmp_path / "none.pt", "--onnx", "--int8")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "export --int8 was removed" in res.stderr and "quant section" in res.stderr

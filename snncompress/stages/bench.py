@@ -87,13 +87,13 @@ def verified_logits(path: Path, reference: np.ndarray, x: torch.Tensor, T: int, 
     """The runtime's logits of the ONNX file on the test set, checked against PyTorch's as the export checks
     onnxruntime's (:func:`~snncompress.evaluation.runtime_agreement`), else :class:`VerificationError`.
 
-    A file exported with BatchNorm folded or int8 weights computes a different function by design: its
-    agreement is reported, not enforced."""
+    A file exported with BatchNorm folded computes a different function by design (float rounding at the
+    threshold): its agreement is reported, not enforced."""
     session = runtime_session(settings.runtime, path, settings.threads)
     logits = batch_logits(lambda inp: session(inp.numpy()), x, T, encoding)
     check = runtime_agreement(logits, reference)
     props = read_onnx_metadata(path)
-    exact_export = props.get("bn_folded", "False") != "True" and props.get("int8_weights", "False") != "True"
+    exact_export = props.get("bn_folded", "False") != "True"
     if exact_export and not check["ok"]:
         raise VerificationError(f"{settings.runtime} disagrees with PyTorch on {path} (max |Δlogit| "
                                 f"{check['max_abs_diff']:.3g} in {check['samples_off']} of {check['samples']} "
@@ -280,7 +280,7 @@ def check_sentence(report: dict) -> str:
         c = m["runtime_check"]
         parts.append(f"{name}: same predictions, max |Δlogit| {c['max_abs_diff']:.2g}" if c["enforced"] else
                      f"{name}: {c['agreement']:.2%} of predictions agree, max |Δlogit| {c['max_abs_diff']:.2g} "
-                     "(exported with BatchNorm folded or int8 weights: not held to PyTorch's logits)")
+                     "(exported with BatchNorm folded: not held to PyTorch's logits)")
     return f"Its logits against PyTorch's on {c['samples']} test samples: " + "; ".join(parts) + "."
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,12 @@ import torch.nn as nn
 from .. import __version__
 from ..artifacts import atomic_path, check_output, load_checkpoint, sha256
 from ..checkpoint import checkpoint_quant, model_from_checkpoint, recipe_of
+from ..config import FLOAT_BITS, QuantWeightsCfg
 from ..data import eval_batches, graph_input, load_dataset, to_steps
 from ..errors import SnnCompressError, VerificationError, first_line
 from ..evaluation import TOLERANCE, batch_logits, evaluate, runtime_agreement
 from ..export.fold import fold_batchnorm
-from ..export.onnx import ONNX_FORMAT, quiet_loggers, unrolled_onnx
+from ..export.onnx import ONNX_FORMAT, integer_convs, unrolled_onnx
 from ..export.unroll import UNROLL_ORDERS, UnrolledSNN, steps_unroll_exactly
 from ..runtime.sessions import runtime_session
 
@@ -36,7 +36,8 @@ class ExportResult:
     nodes: int
     order: str  # how the time steps were unrolled: step or layer
     fold_agreement: float | None = None  # with fold_bn: share of test predictions unchanged by the fold
-    int8: dict | None = None  # with int8: {path, accuracy_fp32, accuracy_int8, agreement}
+    integer_convs: int = 0  # a quantised checkpoint's: conv nodes on spikes written as integer convs
+    weight_bits: int = 32
 
 
 def _source(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None, suffix: str,
@@ -48,42 +49,6 @@ def _source(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None, su
     return ckpt_path, out_path, ckpt, model_from_checkpoint(ckpt, str(ckpt_path), trust_factory)
 
 
-def quantize_int8(proto: onnx.ModelProto, out_path: Path) -> None:
-    """int8 weights, activations quantised per call (onnxruntime dynamic quantisation).
-
-    A spike tensor ({0, 1}) gets scale 1/255 and zero point 0, so spikes stay exact; the weights
-    (and the analog input of the first layer) are approximated.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # the quantiser logs a pre-processing hint at WARNING on the root logger
-    with tempfile.TemporaryDirectory() as d, atomic_path(out_path) as tmp, quiet_loggers(""):
-        src = Path(d) / "fp32.onnx"
-        onnx.save(_unshare_gemm_weights(proto), str(src))
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-
-
-def _unshare_gemm_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which every Gemm has its own weight initializer.
-
-    The quantiser rewrites a Gemm into a MatMul by transposing its weight in place, so a weight
-    shared by the T steps of a step-unrolled readout ends up transposed twice.
-    """
-    proto = copy.deepcopy(proto)
-    inits = {i.name: i for i in proto.graph.initializer}
-    seen: set[str] = set()
-    for node in proto.graph.node:
-        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        if node.input[1] in seen:
-            twin = copy.deepcopy(inits[node.input[1]])
-            twin.name = f"{node.input[1]}__{node.name}"
-            proto.graph.initializer.append(twin)
-            node.input[1] = twin.name
-        seen.add(node.input[1])
-    return proto
-
-
 def _onnxruntime(model: Path | bytes):
     """An onnxruntime session of an ONNX file or its bytes, taking a batch of model inputs as a tensor."""
     session = runtime_session("onnxruntime", model)
@@ -91,7 +56,7 @@ def _onnxruntime(model: Path | bytes):
 
 
 def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, fold_bn: bool = False,
-                lean: bool = True, int8: bool = False, order: str = "auto", trust_factory: bool = False) -> ExportResult:
+                lean: bool = True, order: str = "auto", trust_factory: bool = False) -> ExportResult:
     """Export a dense or slim checkpoint to ONNX and verify it with onnxruntime on the test set.
 
     onnxruntime must give the same predictions as PyTorch and |Δlogit| ≤ 1e-4 on every test sample but at
@@ -103,13 +68,15 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     ``auto`` takes ``step`` unless the model cannot be run step by step (its forward fails in single-step
     mode, or its readout is not the mean over the steps: checked in PyTorch before exporting), then
     ``layer``; a failed verification is never retried in another order. The verification always compares
-    with the original spikingjelly model. ``int8`` also writes ``<out>.int8.onnx`` (int8 weights, see
-    :func:`quantize_int8`) and reports its accuracy.
+    with the original spikingjelly model. A checkpoint trained with ``quant`` is exported with BatchNorm folded and
+    its convs on spikes as integer convs (:func:`~snncompress.export.onnx.integer_convs`), verified the same way.
     ``trust_factory``: see :func:`snncompress.load_model`.
     """
     if order not in ("auto", *UNROLL_ORDERS):
         raise SnnCompressError(f"unroll order {order!r}: allowed auto, {', '.join(UNROLL_ORDERS)}")
     ckpt_path, out_path, ckpt, model = _source(ckpt_path, out_path, ".onnx", trust_factory)
+    quant = checkpoint_quant(ckpt, str(ckpt_path))
+    fold_bn = fold_bn or quant is not None  # the integers are those of the folded weights
     meta = ckpt["data"]
     T, enc = meta["T"], meta["encoding"]
     recipe = recipe_of(ckpt)
@@ -125,7 +92,8 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
     used = order
     if order == "auto":
         used = "step" if steps_unroll_exactly(model, graph_input(data.x_test[:8], T, enc), T, enc) else "layer"
-    proto, got, diff = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path)
+    proto, got, diff, n_int = _export_verified(model, example, reference, data.x_test, T, enc, lean, used, ckpt_path,
+                                               quant)
     direct = meta["encoding"] == "direct"
     props = {"format": ONNX_FORMAT, "snncompress_version": __version__, "T": str(meta["T"]),
              "encoding": meta["encoding"],
@@ -135,30 +103,27 @@ def export_onnx(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None
              "normalisation": json.dumps({"mean": meta["mean"], "std": meta["std"], "formula": "(x - mean) / std"}),
              "classes": json.dumps(meta["classes"]), "source_checkpoint": ckpt_path.name,
              "source_sha256": sha256(ckpt_path), "source_format": ckpt["format"], "bn_folded": str(fold_bn),
-             "lean_neurons": str(lean), "unroll_order": used}
+             "lean_neurons": str(lean), "unroll_order": used,
+             **({} if quant is None else {"weight_bits": str(quant.bits), "weight_granularity": quant.granularity,
+                                          "integer_convs": "QDQ: int8 weights and uint8 spike inputs"})}
     onnx.helper.set_model_props(proto, props)
     with atomic_path(out_path) as tmp:
         onnx.save(proto, str(tmp))
-    quantized = None
-    if int8:
-        q_path = out_path.with_suffix(".int8.onnx")
-        onnx.helper.set_model_props(proto, {**props, "int8_weights": "True"})
-        quantize_int8(proto, q_path)
-        q_logits = batch_logits(_onnxruntime(q_path), data.x_test, T, enc)
-        y = data.y_test.numpy()
-        quantized = {"path": str(q_path), "accuracy_fp32": float((got.argmax(1) == y).mean()),
-                     "accuracy_int8": float((q_logits.argmax(1) == y).mean()),
-                     "agreement": float((q_logits.argmax(1) == got.argmax(1)).mean())}
-    return ExportResult(out_path, len(got), diff, len(proto.graph.node), used, fold_agreement, quantized)
+    return ExportResult(out_path, len(got), diff, len(proto.graph.node), used, fold_agreement, n_int,
+                        quant.bits if quant is not None else FLOAT_BITS)
 
 
 def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndarray, x: torch.Tensor, T: int,
-                     encoding: str, lean: bool, order: str, source: Path) -> tuple[onnx.ModelProto, np.ndarray, float]:
-    """(ONNX model, its logits on ``x``, max |Δlogit| against ``reference``) or an error."""
+                     encoding: str, lean: bool, order: str, source: Path,
+                     quant: QuantWeightsCfg | None = None) -> tuple[onnx.ModelProto, np.ndarray, float, int]:
+    """(ONNX model, its logits on ``x``, max |Δlogit| against ``reference``, integer convs) or an error.
+    ``quant``: the model's weights are quantised; its convs on spikes are written as integer convs
+    (:func:`integer_convs`)."""
     try:
         proto = unrolled_onnx(model, example, T, encoding, lean, order)
     except torch.onnx.OnnxExporterError as e:  # a model (a factory's) the exporter cannot express; one line
         raise SnnCompressError(f"{source}: ONNX export failed ({first_line(e)})") from e
+    n_int = integer_convs(proto, quant.bits, quant.granularity) if quant is not None else 0
     got = batch_logits(_onnxruntime(proto.SerializeToString()), x, T, encoding)
     check = runtime_agreement(got, reference)
     if not check["ok"]:
@@ -166,7 +131,7 @@ def _export_verified(model: nn.Module, example: torch.Tensor, reference: np.ndar
                                 f"in {check['samples_off']} of {check['samples']} samples, same predictions: "
                                 f"{check['same_predictions']}, unrolled by {order}); nothing written"
                                 + ("; --unroll layer exports the model as trained" if order == "step" else ""))
-    return proto, got, check["max_abs_diff"]
+    return proto, got, check["max_abs_diff"], n_int
 
 
 
