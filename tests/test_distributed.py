@@ -357,3 +357,19 @@ def test_cost_budgets_agree_across_processes(unit, tmp_path, jobs):
         assert budget["selected"] <= budget["target"]
     else:  # 16-32 channels in blocks of 8 or 16 cannot reach every target: the table is what must agree
         assert ckpt["train_state"]["pruner"]["cost"]["tables"]
+
+
+@pytest.mark.slow
+def test_quantisation_aware_training_under_torchrun(tmp_path, jobs):
+    # quant from the first epoch through the slim fine-tune's surgery (re-attached, DDP re-wrapped), with a
+    # memory budget counted at 4 bits: the ranks agree on the masks and the checkpoint holds the quantised network
+    recipe = write_recipe(tmp_path / "q.yaml", {**DDP, "train": {**DDP["train"], "epochs": 4}, "prune": {
+        **DDP["prune"], "budget_unit": "memory", "keep": 0.4, "warmup_epochs": 1, "ramp_epochs": 1,
+        "finetune_epochs": 2}, "quant": {"weights": {"bits": 4}, "start": "begin"}})
+    job = torchrun(jobs, tmp_path / "log.txt", "train", recipe, "--out", tmp_path / "out")
+    assert job.wait() == 0, job.output()
+    logs = _mask_logs(job.output())
+    assert sorted(logs) == [0, 1] and logs[0] == logs[1], job.output()
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["quant"] == {"bits": 4, "granularity": "channel"} and "kept_index" in ckpt
+    assert ckpt["history"][-1]["budget"]["selected"] <= ckpt["history"][-1]["budget"]["target"]
