@@ -126,8 +126,10 @@ def checkpoint_quant(ckpt: dict, source: str = "checkpoint") -> QuantWeightsCfg 
     if ckpt.get("quant") is None:
         return None
     try:
+        if not isinstance(ckpt["quant"], dict) or set(ckpt["quant"]) != {"bits", "granularity"}:
+            raise ValueError("both keys, nothing else")
         return QuantWeightsCfg.model_validate(ckpt["quant"])
-    except Exception as e:  # pydantic's ValidationError, or a non-mapping
+    except ValueError as e:  # pydantic's ValidationError is one
         raise SnnCompressError(f"{source}: quant entry must be {{bits: 2-8, granularity: channel | tensor}}, got "
                                f"{ckpt['quant']!r:.80}") from e
 
