@@ -132,6 +132,10 @@ def main() -> None:
             result["settings"][setting] = summarise(runs, bits, seeds, result["test_images"][setting])
     result["minutes"] = (time.perf_counter() - t0) / 60
     args.out.mkdir(parents=True, exist_ok=True)
+    before = json.loads((args.out / "qat.json").read_text()) if (args.out / "qat.json").exists() else {}
+    if before.get("seeds") == seeds and before.get("bits") == bits:  # settings run separately add up
+        result["settings"] = {**before["settings"], **result["settings"]}
+        result["minutes"] += before["minutes"]
     (args.out / "qat.json").write_text(json.dumps(result, indent=1))
     (args.out / "qat.md").write_text(markdown(result))
     print(markdown(result))
