@@ -362,6 +362,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--random", type=int, default=20, help="pure-random masks per dense seed and keep")
     ap.add_argument("--phases", default="dense,rank,truth,finetune")
+    ap.add_argument("--ft-methods", default="", help="methods fine-tuned (default: " + ",".join(FINETUNE_METHODS) + ")")
+    ap.add_argument("--gradual-methods", default="", help="of those, the ones also run gradually (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -370,7 +372,8 @@ def main() -> None:
     keeps = [0.5] if args.quick else [0.5, 0.3]
     n_random = 5 if args.quick else args.random
     rank_methods = ["bn", "sca"] if args.quick else list(RANK_METHODS)
-    ft_methods = ["bn"] if args.quick else list(FINETUNE_METHODS)
+    ft_methods = ["bn"] if args.quick else (args.ft_methods.split(",") if args.ft_methods else list(FINETUNE_METHODS))
+    gradual_methods = args.gradual_methods.split(",") if args.gradual_methods else ft_methods
     dense_recipe = _recipe("mnist5k-wide-dense.yaml")
     if args.quick:
         dense_recipe["train"]["epochs"] = 4
@@ -416,13 +419,14 @@ def main() -> None:
                 result["truth"] = summarise_truth(per_seed, rank_methods)
             save()
         if "finetune" in phases:
-            result["finetune"] = _finetune(pool, dense, seeds, ft_methods, work, args.quick)
+            result["finetune"] = _finetune(pool, dense, seeds, ft_methods, gradual_methods, work, args.quick)
             save()
 
 
-def _finetune(pool, dense: dict, seeds: list[int], methods: list[str], work: Path, quick: bool) -> list[dict]:
-    """Every method one-shot and gradual (with distillation), the first one-shot also without; then a random control
-    with each run's own per-group counts."""
+def _finetune(pool, dense: dict, seeds: list[int], methods: list[str], gradual: list[str], work: Path,
+              quick: bool) -> list[dict]:
+    """Every method one-shot, ``gradual`` ones gradual too (with distillation), the first one-shot also without;
+    then a random control with each run's own per-group counts."""
     variants = {"one-shot": _recipe("mnist5k-from-trained.yaml"), "gradual": _recipe("mnist5k-from-trained-gradual.yaml")}
     variants["one-shot, no distillation"] = {**variants["one-shot"],
                                              "train": {**variants["one-shot"]["train"], "distill": None}}
@@ -434,7 +438,7 @@ def _finetune(pool, dense: dict, seeds: list[int], methods: list[str], work: Pat
     jobs = {}
     for name, base in variants.items():
         for s in seeds:
-            for method in (methods if name != "one-shot, no distillation" else methods[:1]):
+            for method in {"one-shot": methods, "gradual": gradual}.get(name, methods[:1]):
                 recipe = {**base, "seed": s, "baseline": False, "model": {**base["model"], "weights": dense[s]["ckpt"]},
                           "prune": {**base["prune"], "method": method, "options": {}, "regrow": None}}
                 jobs[(name, s, method)] = (recipe, pool.submit(_train_job, recipe, str(work / f"{name}-{method}-s{s}")))
