@@ -153,3 +153,18 @@ def test_a_checkpoint_is_checked_as_its_nir_export_and_max_pooling_is_refused(ru
     # the shared run's VGG uses max pooling, which no chip (and no NIR) has: refused in one line
     with pytest.raises(SnnCompressError, match="NIR has no max pooling"):
         check_target(run_dir / "slim.pt")
+
+
+def test_a_graph_the_check_cannot_read_is_one_line(tmp_path):
+    g = _graph(("conv", 8, 3, 1, 1), ("if",))
+    g.nodes["n1"] = nir.Scale(np.ones((8, 16, 16), np.float32))  # a node kind no DYNAP-CNN core has
+    path = tmp_path / "scale.nir"
+    nir.write(path, g)
+    res = cli("check", path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: NIR graph: node n1 is a Scale, which the hardware check does not read; it reads Input, Conv2d, "
+        "Affine/Linear, neurons (IF, LIF, ...), SumPool2d/AvgPool2d, Flatten and Output"]
+    (tmp_path / "junk.nir").write_bytes(b"not hdf5")
+    res = cli("check", tmp_path / "junk.nir")
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
