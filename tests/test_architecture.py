@@ -181,7 +181,7 @@ def test_library_calls_leave_global_state_as_they_found_it(run_dir, tmp_path):
     backend, root_level = matplotlib.get_backend(), logging.getLogger().level
     onnx_level = logging.getLogger("torch.onnx").level
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    sc.export_onnx(run_dir / "slim.pt", tmp_path / "m.onnx", int8=True)
+    sc.export_onnx(run_dir / "slim.pt", tmp_path / "m.onnx")
     from snncompress.plots import write_plots
 
     import json

@@ -123,17 +123,3 @@ def test_export_with_folded_batchnorm(run_dir, tmp_path):
     assert "BatchNormalization" not in ops and "Conv" in ops
     assert "BatchNormalization" in {n.op_type for n in onnx.load(run_dir / "model.onnx").graph.node}
     assert read_onnx_metadata(tmp_path / "f.onnx")["bn_folded"] == "True"
-
-
-def test_export_int8_weights_reports_accuracy(run_dir, tmp_path):
-    res = cli("export", run_dir / "slim.pt", "--onnx", "--int8", "-o", tmp_path / "m.onnx")
-    assert res.returncode == 0, res.stderr
-    assert "int8 weights: accuracy" in res.stdout
-    q = onnx.load(tmp_path / "m.int8.onnx")
-    ops = {n.op_type for n in q.graph.node}
-    assert "ConvInteger" in ops and "DynamicQuantizeLinear" in ops
-    ints = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert ints  # the conv weights are stored as int8
-    assert {p.key: p.value for p in q.metadata_props}["int8_weights"] == "True"
-    sess = ort_session(tmp_path / "m.int8.onnx")
-    assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((2, 1, 8, 8), np.float32)})[0].shape == (2, 10)

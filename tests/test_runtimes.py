@@ -148,14 +148,16 @@ def test_a_latency_budget_is_timed_at_the_recipes_deploy_batch(run_dir, tmp_path
 
 def test_budget_figures_by_hand():
     lat = lambda ms: {"median": ms, "min": ms, "max": ms}  # noqa: E731
-    dense = {"kept_channels": 0.25, "macs": 1000, "sops": 400.0, "latency_ms": {"1": lat(2.0), "16": lat(10.0)}}
-    slim = {"kept_channels": 0.25, "macs": 300, "sops": 100.0, "latency_ms": {"1": lat(1.0), "16": lat(4.0)}}
+    dense = {"kept_channels": 0.25, "macs": 1000, "sops": 400.0, "weight_bytes": 800,
+             "latency_ms": {"1": lat(2.0), "16": lat(10.0)}}
+    slim = {"kept_channels": 0.25, "macs": 300, "sops": 100.0, "weight_bytes": 200,
+            "latency_ms": {"1": lat(1.0), "16": lat(4.0)}}
     recipe = parse_recipe({**TINY, "prune": {**TINY["prune"], "keep": 0.3, "budget_unit": "macs"},
                            "deploy": {"batch_size": 16}})
     assert timed_batches(recipe) == [1, 16, 32]
     assert budget_figures(recipe, dense, slim) == {
         "unit": "macs", "target": 0.3, "achieved": 0.3, "latency_batch": 16, "trained": None,
-        "ratios": {"channels": 0.25, "macs": 0.3, "sops": None, "latency": 0.4}}
+        "ratios": {"channels": 0.25, "macs": 0.3, "sops": None, "latency": 0.4, "memory": 0.25}}
     # SOPs: against the dense SOPs the training measured (the dense-shaped model's closed channels fire nothing)
     trained = {"unit": "sops", "dense": 500.0, "target": 125.0, "selected": 120.0}
     sops = parse_recipe({**TINY, "prune": {**TINY["prune"], "keep": 0.25, "budget_unit": "sops"}, "deploy": {"batch_size": 16}})
