@@ -3,10 +3,10 @@
 Every figure is sinabs's (SynSense's own PyTorch library; its mapper needs SynSense's ``samna``, which this
 machine cannot install, so the check re-states its rules rather than calling it):
 
-- per-core limits: sinabs ``docs/speck/overview.md``, "DYNAP-CNN Layer / Feature": input map <= 128x128,
+- per-core limits: sinabs ``synsense/sinabs: docs/speck/overview.md``, "DYNAP-CNN Layer / Feature": input map <= 128x128,
   output map <= 64x64, <= 1024 channels, 8-bit weights, kernel <= 16x16, stride 1/2/4/8, padding 0-7, sum
   pooling 1x1/2x2/4x4, fan-out 2; square kernels and pools (``config_builder`` and ``DynapcnnLayer`` refuse
-  others); integrate-and-fire neurons only (``docs/speck/faqs/available_algorithmic_operation.md``);
+  others); integrate-and-fire neurons only (``synsense/sinabs: docs/speck/faqs/available_algorithmic_operation.md``);
 - memory per core (``backend/dynapcnn/chips/dynapcnn.py``, ``get_constraints``): kernel memory 16, 16, 16, 32,
   32, 64, 64, 16, 16 Ki entries; neuron memory 64, 64, 64, 32, 32, 16, 16, 16, 16 Ki; 1024 biases;
 - what a layer needs (``DynapcnnLayer.memory_summary``): kernel ``c * 2^(ceil(log2(kx*ky)) + ceil(log2 f))``
@@ -67,7 +67,7 @@ def place(needs: list[tuple[int, int, int]]) -> list[int] | None:
 @register_target("speck")
 class Speck(Target):
     name = "speck"
-    source = "sinabs (SynSense) DYNAP-CNN backend: docs/speck/overview.md, chips/dynapcnn.py, dynapcnn_layer.py"
+    source = "sinabs (SynSense) DYNAP-CNN backend: synsense/sinabs: docs/speck/overview.md, sinabs/backend/dynapcnn/chips/dynapcnn.py, dynapcnn_layer.py"
 
     def check(self, layers: list[CoreLayer], metadata: dict[str, str]) -> TargetReport:
         bad: list[str] = []
