@@ -27,19 +27,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-import yaml
 
-from quality import interval, sampling_error
+from quality import _recipe, _threads, interval, sampling_error
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _recipe(name: str) -> dict:
-    return yaml.safe_load((ROOT / "recipes" / name).read_text())
-
-
-def _threads() -> None:
-    torch.set_num_threads(1)
 
 
 def _job(recipe: dict, out: str) -> dict:
